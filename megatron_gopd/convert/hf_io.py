@@ -1,0 +1,216 @@
+"""Reading and writing Hugging Face checkpoint directories (safetensors, sharded or not).
+
+Reading is lazy: :class:`HFWeights` maps names to tensors read from disk on access, so a converter
+holds one copy of the weights, not two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from megatron_gopd.utils import GopdError
+
+__all__ = ["HFWeights", "copy_tokenizer_files", "tokenizer_vocab_size", "write_hf_checkpoint"]
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Files that travel with a model but are not weights or its config.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+class HFWeights(Mapping):
+    """Lazy name -> tensor view of an HF model directory's weights."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise GopdError(f"{self.path} is not a directory")
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        for index_name in (SAFE_INDEX, BIN_INDEX):
+            index = self.path / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise GopdError(f"{index} is not a valid shard index: {e}") from None
+                missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+                if missing:
+                    raise GopdError(
+                        f"{len(missing)} shard file(s) listed in {index_name} are missing, "
+                        f"e.g. {missing[0]}"
+                    )
+                self._where = {k: self.path / f for k, f in weight_map.items()}
+                break
+        else:
+            files = sorted(self.path.glob("*.safetensors")) or sorted(
+                self.path.glob("pytorch_model*.bin")
+            )
+            if not files:
+                raise GopdError(
+                    f"{self.path} holds no weights (*.safetensors or pytorch_model.bin)"
+                )
+            for f in files:
+                for k in self._keys_of(f):
+                    self._where[k] = f
+
+    def _keys_of(self, f: Path) -> list[str]:
+        if f.suffix == ".safetensors":
+            return list(self._open(f).keys())
+        return list(self._load_bin(f).keys())
+
+    def _open(self, f: Path):
+        from safetensors import safe_open
+
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise GopdError(f"cannot read {f}: {e}") from None
+        return self._handles[f]
+
+    def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
+        if f not in self._bin_cache:
+            self._bin_cache[f] = torch.load(f, map_location="cpu", weights_only=True)
+        return self._bin_cache[f]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        f = self._where[key]
+        if f.suffix == ".safetensors":
+            try:
+                return self._open(f).get_tensor(key)
+            except Exception as e:
+                raise GopdError(f"cannot read {key} from {f.name}: {e}") from None
+        return self._load_bin(f)[key]
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        f = self._where[key]
+        if f.suffix == ".safetensors":
+            return tuple(self._open(f).get_slice(key).get_shape())
+        return tuple(self._load_bin(f)[key].shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def tokenizer_vocab_size(path: str | Path) -> int | None:
+    """``len(tokenizer)`` of the HF directory's tokenizer, or None if it has none."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(str(path)))
+    except Exception:
+        return None
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _shard_plan(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    return shards
+
+
+def write_hf_checkpoint(
+    out: str | Path,
+    state: Mapping[str, torch.Tensor],
+    config: dict,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    tokenizer_dir: str | Path | None = None,
+) -> None:
+    """``save_pretrained``-compatible directory: safetensors shards (+ index), config, tokenizer."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _shard_plan(state, max_shard_bytes)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if len(plan) == 1:
+        save_file(
+            {k: state[k].contiguous() for k in plan[0]},
+            str(out / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+    else:
+        weight_map = {}
+        for i, keys in enumerate(plan, 1):
+            fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+            save_file(
+                {k: state[k].contiguous() for k in keys},
+                str(out / fname),
+                metadata={"format": "pt"},
+            )
+            weight_map.update(dict.fromkeys(keys, fname))
+        (out / SAFE_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, out)
+
+
+def atomic_output_dir(out: str | Path):
+    """Context manager: yields a temporary sibling directory that replaces ``out`` on success and
+    is removed on failure, so no half-written output directory is ever left behind."""
+    import contextlib
+    import tempfile
+
+    out = Path(out)
+
+    @contextlib.contextmanager
+    def _cm():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+            if out.exists():
+                if any(out.iterdir()):
+                    raise GopdError(f"{out} exists and is not empty")
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return _cm()

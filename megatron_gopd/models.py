@@ -1,0 +1,401 @@
+"""Megatron-Core GPT models for the three roles: student, teacher(s) and reference.
+
+Every role has its own :class:`~megatron_gopd.arch.ModelArch` and checkpoint; all of them are built
+in one job on the same TP/PP process groups (a teacher larger than the student is the normal case).
+Frozen roles (teachers, reference) carry no gradients and no optimizer state, run in eval mode, and
+can keep their weights in host memory between uses (``offload=True``).
+
+Checkpoint layout (written by ``tools/convert_hf_to_megatron.py`` and by the trainer)::
+
+    CKPT/
+      gopd_model.json   architecture + the HF config.json it came from (+ tokenizer facts)
+      model/            megatron-core dist checkpoint (torch_dist) of the GPTModel; loads at any TP/PP
+      tokenizer/        the HF tokenizer files, when the source had them
+
+The trainer's save directory holds ``latest`` (a file naming the newest ``iter_XXXXXXX``) and
+iteration directories of the same layout; :func:`resolve_checkpoint` accepts either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_gopd import platform
+from megatron_gopd.arch import ModelArch, llama3_inv_freq
+from megatron_gopd.utils import GopdError, get_logger
+
+__all__ = [
+    "CheckpointMeta",
+    "RoleModel",
+    "build_gpt",
+    "build_role",
+    "check_vocab_compatible",
+    "load_model_weights",
+    "read_checkpoint_meta",
+    "resolve_checkpoint",
+    "save_model_checkpoint",
+]
+
+log = get_logger(__name__)
+
+META_FILE = "gopd_model.json"
+MODEL_SUBDIR = "model"
+TOKENIZER_SUBDIR = "tokenizer"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def _have_te() -> bool:
+    try:
+        from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
+    except ImportError:  # pragma: no cover - very old megatron
+        return False
+    return bool(HAVE_TE)
+
+
+def use_transformer_engine(spec: str = "auto") -> bool:
+    """``auto``: Transformer Engine when it is installed and CUDA is present; else the local spec."""
+    if spec == "local":
+        return False
+    if spec == "te":
+        if not (_have_te() and platform.cuda_available()):
+            raise GopdError("--transformer-impl te needs Transformer Engine and a CUDA device")
+        return True
+    if spec != "auto":
+        raise GopdError(f"unknown layer spec {spec!r} (auto, local, te)")
+    return _have_te() and platform.cuda_available()
+
+
+def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
+    """megatron-core TransformerConfig for ``arch`` under the current model-parallel layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    arch.check_parallel(tp, pp)
+    kw: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=not platform.cuda_available(),
+        # Per-token loss: the loss function returns (sum, num_tokens) and Megatron divides the
+        # gradients by the global token count, so the token-mean does not depend on the split.
+        calculate_per_token_loss=True,
+        gradient_accumulation_fusion=False,
+    )
+    kw.update(platform.transformer_config_overrides())
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(arch: ModelArch, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+
+def build_gpt(
+    arch: ModelArch,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    spec: str = "auto",
+    seed: int | None = None,
+    initialize_weights: bool = True,
+    **config_overrides,
+):
+    """One GPTModel chunk for this pipeline stage, on the current device.
+
+    ``initialize_weights=False`` skips the random init (weights will be loaded right after), which
+    saves minutes for billion-parameter models on the host.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    platform.setup()
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = transformer_config(
+        arch, params_dtype, perform_initialization=initialize_weights, **config_overrides
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_transformer_engine(spec)),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(arch.rope_theta)
+        if float(arch.rope_theta).is_integer()
+        else arch.rope_theta,
+    )
+    if arch.rope_scaling is not None:
+        # Set all four Llama-3 parameters ourselves; megatron's rope_scaling fixes three of them.
+        rope = model.rotary_pos_emb
+        rope.inv_freq = llama3_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(
+            rope.inv_freq.device
+        )
+    if platform.cuda_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+# ---------------------------------------------------------------------------------- roles
+
+
+@dataclass
+class RoleModel:
+    """A model role in the job: its name, architecture, the stage's model chunk(s) and state."""
+
+    name: str
+    arch: ModelArch
+    chunks: list  # [GPTModel] (one chunk per virtual pipeline stage; we build one)
+    frozen: bool
+    checkpoint: str | None = None
+    offload: bool = False
+    _on_device: bool = field(default=True, repr=False)
+
+    @property
+    def model(self):
+        return self.chunks[0]
+
+    def freeze(self) -> None:
+        for m in self.chunks:
+            m.eval()
+            m.requires_grad_(False)
+        self.frozen = True
+
+    def offload_to_host(self) -> None:
+        """Move this role's weights to (pinned) host memory; a no-op on CPU machines."""
+        if not platform.cuda_available() or not self._on_device:
+            return
+        for m in self.chunks:
+            for t in _tensors(m):
+                t.data = t.data.to("cpu", non_blocking=True).pin_memory()
+        torch.cuda.synchronize()
+        self._on_device = False
+
+    def load_to_device(self) -> None:
+        if not platform.cuda_available() or self._on_device:
+            return
+        dev = torch.device("cuda", torch.cuda.current_device())
+        for m in self.chunks:
+            for t in _tensors(m):
+                t.data = t.data.to(dev, non_blocking=True)
+        self._on_device = True
+
+    @contextlib.contextmanager
+    def in_use(self):
+        """Weights on the device for the duration of the block; back on the host after it when
+        ``offload`` is set (frozen roles between scoring passes)."""
+        self.load_to_device()
+        try:
+            yield self
+        finally:
+            if self.offload:
+                self.offload_to_host()
+
+
+def _tensors(module: torch.nn.Module):
+    yield from module.parameters()
+    yield from (b for b in module.buffers() if b is not None)
+
+
+def build_role(
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    arch: ModelArch | None = None,
+    frozen: bool,
+    params_dtype: torch.dtype = torch.float32,
+    offload: bool = False,
+    spec: str = "auto",
+    seed: int = 1234,
+) -> RoleModel:
+    """Build a role from a checkpoint (architecture read from it) or from ``arch`` (random init)."""
+    ckpt_dir = None
+    if checkpoint is not None:
+        ckpt_dir = resolve_checkpoint(checkpoint)
+        arch = read_checkpoint_meta(ckpt_dir).arch
+    if arch is None:
+        raise GopdError(f"role {name!r}: give a checkpoint or an architecture")
+    model = build_gpt(
+        arch, params_dtype=params_dtype, spec=spec, seed=seed, initialize_weights=ckpt_dir is None
+    )
+    if ckpt_dir is not None:
+        load_model_weights(model, ckpt_dir)
+    role = RoleModel(
+        name=name,
+        arch=arch,
+        chunks=[model],
+        frozen=False,
+        checkpoint=str(ckpt_dir) if ckpt_dir else None,
+        offload=offload,
+    )
+    if frozen:
+        role.freeze()
+        if offload:
+            role.offload_to_host()
+    return role
+
+
+def check_vocab_compatible(student: ModelArch, other: ModelArch, other_name: str) -> None:
+    """Teacher/reference and student must index the same tokens.
+
+    Padding differences are fine: HF rows beyond the tokenizer (e.g. Qwen's 151936 vs 152064) and
+    Megatron's padded rows are never sampled and our log-probs mask Megatron's padding. What is not
+    fine is a different tokenizer, which shows as a different number of real tokens.
+    """
+    s, o = student.token_vocab_size, other.token_vocab_size
+    if student.tokenizer_vocab_size and other.tokenizer_vocab_size:
+        same = s == o
+    else:
+        # Without tokenizer facts on one side, the rows of both must cover the known token count.
+        same = s == o or (
+            min(student.vocab_size, other.vocab_size)
+            >= max(student.tokenizer_vocab_size or 0, other.tokenizer_vocab_size or 0)
+            > 0
+        )
+    if not same:
+        raise GopdError(
+            f"the {other_name} and the student do not share a tokenizer: {other_name} vocabulary "
+            f"has {o} tokens, the student's has {s} (embedding rows: {other.vocab_size} vs "
+            f"{student.vocab_size}); they cannot score the same token ids"
+        )
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    arch: ModelArch
+    hf_config: dict[str, Any]
+    extra: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "arch": self.arch.to_dict(),
+                "hf_config": self.hf_config,
+                **self.extra,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model checkpoint directory, or a trainer save directory (its ``latest`` iteration)."""
+    p = Path(path)
+    if not p.exists():
+        raise GopdError(f"checkpoint {p} does not exist")
+    if (p / LATEST_FILE).is_file():
+        it = (p / LATEST_FILE).read_text().strip()
+        p = p / it
+    if not (p / META_FILE).is_file():
+        raise GopdError(
+            f"{p} is not a megatron_gopd checkpoint (no {META_FILE}); convert a Hugging Face model "
+            f"with tools/convert_hf_to_megatron.py"
+        )
+    if not (p / MODEL_SUBDIR / "metadata.json").is_file():
+        raise GopdError(f"{p} has no model weights ({MODEL_SUBDIR}/metadata.json is missing)")
+    return p
+
+
+def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
+    p = Path(path)
+    try:
+        d = json.loads((p / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GopdError(f"cannot read {p / META_FILE}: {e}") from None
+    if d.get("format_version", 0) > FORMAT_VERSION:
+        raise GopdError(f"{p} was written by a newer megatron_gopd (format {d['format_version']})")
+    arch = ModelArch.from_dict(d.pop("arch"))
+    hf_config = d.pop("hf_config", {})
+    d.pop("format_version", None)
+    return CheckpointMeta(arch=arch, hf_config=hf_config, extra=d)
+
+
+def _sharded_state_dict(model) -> dict:
+    return model.sharded_state_dict()
+
+
+def save_model_checkpoint(
+    model, meta: CheckpointMeta, path: str | Path, tokenizer_dir: str | Path | None = None
+) -> None:
+    """Write ``path/model`` (dist checkpoint) and ``path/gopd_model.json`` (+ tokenizer files).
+
+    Collective over all ranks. The caller handles atomicity (write to a temporary directory and
+    rename) where it matters.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        (path / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(model), str(path / MODEL_SUBDIR))
+    if rank0:
+        (path / META_FILE).write_text(meta.to_json())
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, path / TOKENIZER_SUBDIR, dirs_exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_model_weights(model, path: str | Path) -> None:
+    """Load the dist checkpoint at ``path/model`` into ``model`` (any TP/PP), casting dtypes."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(path) / MODEL_SUBDIR
+    sharded = _sharded_state_dict(model)
+    try:
+        state = dist_checkpointing.load(sharded, str(ckpt))
+    except Exception as e:  # megatron raises several types for shape/key problems
+        raise GopdError(f"cannot load {ckpt} into this model: {str(e).splitlines()[0]}") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise GopdError(
+            f"checkpoint {ckpt} lacks weights for {missing[:3]}{'...' if len(missing) > 3 else ''}"
+        )

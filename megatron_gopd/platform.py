@@ -1,0 +1,230 @@
+"""The one place that adapts megatron-core to a CPU-only torch build.
+
+megatron-core has no CPU code path: it allocates on ``torch.cuda.current_device()`` (~180 call
+sites), hard-codes ``device="cuda"`` in the pipeline schedules, optimizer and grad clipping, checks
+``param.type() == 'torch.cuda.FloatTensor'`` in the optimizer, calls ``torch.cuda.synchronize``,
+keeps its tensor-parallel RNG states on the CUDA generator, and (0.19.x) touches CUDA streams.
+Everything below redirects those to the CPU. It is what our CI and the tiny demo run on; on a
+machine where CUDA is available :func:`setup` does nothing at all (tested in
+``tests/test_platform.py``).
+
+Each patch is one named group so that a reader can see what needs what:
+
+========== ===============================================================================
+group      why
+========== ===============================================================================
+device     ``torch.cuda.current_device()`` returns the CPU device (megatron allocations).
+mode       a TorchFunctionMode rewrites ``device="cuda[:N]"`` in factory calls and
+           ``Tensor.to("cuda")``; ``Tensor.cuda()`` is the identity.
+type       ``Tensor.type()`` of a CPU tensor reports the ``torch.cuda.*`` name that the
+           optimizer's dtype checks expect.
+sync       ``synchronize`` / ``empty_cache`` / memory counters are no-ops.
+rng        the tensor-parallel RNG tracker forks the CPU generator instead of CUDA's.
+streams    dummy ``torch.cuda.Stream`` / ``current_stream`` (0.19.x DDP grad sync).
+ckptq      dist_checkpointing's async writer queue uses a fork Manager instead of spawn
+           (spawn re-imports ``__main__``: 6-15 s per first save on 2 cores).
+========== ===============================================================================
+
+The triton placeholder for megatron-core 0.19.x on machines without triton lives in
+``megatron_gopd/__init__.py`` because it must run before megatron is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+__all__ = ["cuda_available", "is_patched", "setup", "transformer_config_overrides"]
+
+_CPU = torch.device("cpu")
+_lock = threading.Lock()
+_patched: set[str] = set()
+
+ALL_GROUPS = ("device", "mode", "type", "sync", "rng", "streams", "ckptq")
+
+
+def cuda_available() -> bool:
+    """True when torch can use a CUDA device (then nothing here is applied)."""
+    return torch.cuda.is_available()
+
+
+def is_patched() -> bool:
+    return bool(_patched)
+
+
+def _is_cuda_device(d) -> bool:
+    if isinstance(d, str):
+        return d.startswith("cuda")
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Sends every ``device="cuda..."`` factory call and ``.to("cuda")`` to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs = dict(kwargs, device=_CPU)
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _DummyStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, *a, **k):
+        return None
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+def _patch_device():
+    torch.cuda.current_device = lambda: _CPU
+
+
+def _patch_mode():
+    # Stays active for the life of the process, like torch.set_default_device.
+    _CudaToCpuMode().__enter__()
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+
+def _patch_type():
+    orig_type = torch.Tensor.type
+
+    def _type(self, dtype=None, non_blocking=False, **kw):
+        if dtype is None and not kw:
+            name = orig_type(self)
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                name = name.replace("torch.", "torch.cuda.", 1)
+            return name
+        return orig_type(self, dtype, non_blocking, **kw)
+
+    torch.Tensor.type = _type
+
+
+def _patch_sync():
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    for name in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+    ):
+        setattr(torch.cuda, name, lambda *a, **k: 0)
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
+
+
+def _patch_rng():
+    import megatron.core.tensor_parallel.random as mrandom
+
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_streams():
+    torch.cuda.current_stream = lambda *a, **k: _DummyStream()
+    torch.cuda.default_stream = lambda *a, **k: _DummyStream()
+    torch.cuda.Stream = _DummyStream
+    torch.cuda.stream = lambda s: contextlib.nullcontext()
+
+
+def _patch_ckptq():
+    import multiprocessing as mp
+
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fsa
+
+    def _queue(*_a, **_k):
+        if getattr(fsa, "_results_queue", None) is None:
+            fsa._results_queue = mp.get_context("fork").Manager().Queue()
+        return fsa._results_queue
+
+    if hasattr(fsa, "_get_write_results_queue"):  # 0.16.x
+        fsa._get_write_results_queue = _queue
+    if hasattr(fsa, "get_write_results_queue"):  # 0.19.x
+        fsa.get_write_results_queue = _queue
+
+
+_PATCHES = {
+    "device": _patch_device,
+    "mode": _patch_mode,
+    "type": _patch_type,
+    "sync": _patch_sync,
+    "rng": _patch_rng,
+    "streams": _patch_streams,
+    "ckptq": _patch_ckptq,
+}
+
+
+def setup(groups: tuple[str, ...] = ALL_GROUPS) -> bool:
+    """Apply the CPU adaptations once per process. Returns True if anything is patched.
+
+    Inert when CUDA is available, and when ``MEGATRON_GOPD_NO_CPU_SHIM=1`` (to debug the shim
+    itself). Idempotent and thread-safe.
+    """
+    if cuda_available() or os.environ.get("MEGATRON_GOPD_NO_CPU_SHIM") == "1":
+        return False
+    unknown = set(groups) - set(_PATCHES)
+    if unknown:
+        raise ValueError(f"unknown platform patch group(s): {sorted(unknown)}")
+    with _lock:
+        for g in groups:
+            if g not in _patched:
+                _PATCHES[g]()
+                _patched.add(g)
+    return bool(_patched)
+
+
+def transformer_config_overrides() -> dict:
+    """TransformerConfig fields that must differ on a CPU-only build (empty with CUDA).
+
+    The fused kernels are CUDA/TE/apex code, and the batched p2p path calls
+    ``torch.cuda.synchronize`` after every exchange.
+    """
+    if cuda_available():
+        return {}
+    return dict(
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+    )
+
+
+def default_backend() -> str:
+    """torch.distributed backend for this machine."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def device() -> torch.device:
+    """Where model tensors live: the local GPU, or the CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _CPU

@@ -1,0 +1,58 @@
+"""Small helpers shared across the package: ports, logging, user-facing errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+from functools import wraps
+
+__all__ = ["GopdError", "cli_errors", "free_port", "get_logger"]
+
+
+class GopdError(Exception):
+    """An error caused by the user's input or environment, shown as one line (no traceback)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_logger(name: str = "megatron_gopd") -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logging.getLogger("megatron_gopd").handlers:
+        h = logging.StreamHandler(sys.stderr)
+        rank = os.environ.get("RANK")
+        tag = f"[rank{rank}] " if rank not in (None, "0") else ""
+        h.setFormatter(
+            logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+        root = logging.getLogger("megatron_gopd")
+        root.addHandler(h)
+        root.setLevel(os.environ.get("GOPD_LOG_LEVEL", "INFO"))
+        root.propagate = False
+    return logger
+
+
+def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Turn :class:`GopdError` into one ``error: ...`` line and exit 2.
+
+    Anything else is a bug and keeps its traceback.
+    """
+
+    @wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except GopdError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper

@@ -1,0 +1,169 @@
+"""Log-probability of the sampled token, and entropy, from vocab-parallel logits.
+
+Each tensor-parallel rank holds a contiguous slice ``[start, start + V_local)`` of the (padded)
+vocabulary. For tokens ``t`` with logits ``z`` (row of ``V`` entries over all ranks)::
+
+    log p(y) = z_y - logsumexp(z)           H = logsumexp(z) - sum_i p_i z_i
+
+computed without gathering the vocabulary: every rank reduces its slice to per-token scalars (its
+max, its sum of ``exp``, its share of ``sum p z`` and of ``z_y``) and two all-reduces over the TP
+group combine them (one MAX, one SUM over a stacked ``[3, T]`` tensor). Columns at or beyond
+``vocab_size`` (Megatron's padding rows) are excluded, so the result equals a softmax over the real
+vocabulary only (what Hugging Face computes).
+
+Memory. The work is chunked over tokens: at most ``chunk_elements`` fp32 values per temporary. The
+forward saves only the input logits (no fp32 copy). The backward recomputes the softmax chunk by
+chunk and, by default, writes the gradient into the saved logits' storage, as megatron-core's
+``vocab_parallel_cross_entropy`` does for fp32 logits (the logits are dead after this backward; if
+another autograd node saved the same tensor, autograd's version check raises instead of computing
+a wrong gradient). bf16 logits are read chunk-wise into fp32; the gradient is returned in the
+logits' dtype.
+
+Gradients, per token with upstream ``g`` (log-prob) and ``h`` (entropy)::
+
+    d log p(y) / d z_i = 1[i = y] - p_i
+    d H / d z_i        = -p_i (log p_i + H)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "vocab_parallel_logprobs"]
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64 Mi fp32 values = 256 MiB per temporary
+
+
+def _group_rank_size(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _chunks(n_rows: int, n_cols: int, chunk_elements: int):
+    step = max(1, chunk_elements // max(1, n_cols))
+    for s in range(0, n_rows, step):
+        yield s, min(n_rows, s + step)
+
+
+class _VocabParallelLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, logits, target, group, vocab_size, chunk_elements, with_entropy, inplace_backward
+    ):
+        rank, world = _group_rank_size(group)
+        T, v_local = logits.shape
+        start = rank * v_local
+        valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
+        dev = logits.device
+
+        m_loc = torch.full((T,), float("-inf"), device=dev, dtype=torch.float32)
+        sums = torch.zeros((3, T), device=dev, dtype=torch.float32)  # sum exp, sum e*(z-m), z_y
+        local_t = target - start
+        has_t = (local_t >= 0) & (local_t < valid)
+        local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
+        if valid > 0:
+            for a, b in _chunks(T, valid, chunk_elements):
+                x = logits[a:b, :valid].float()
+                m = x.max(dim=-1).values
+                xs = x - m.unsqueeze(-1)
+                e = xs.exp()
+                m_loc[a:b] = m
+                sums[0, a:b] = e.sum(dim=-1)
+                if with_entropy:
+                    sums[1, a:b] = torch.bmm(e.unsqueeze(1), xs.unsqueeze(2)).view(-1)
+                sums[2, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
+                del x, xs, e
+        # combine: rescale each rank's sums from its own max to the global one
+        m = m_loc.clone()
+        if world > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        scale = torch.exp(m_loc - m)  # 0 for a rank whose slice is all padding (m_loc = -inf)
+        scale = torch.nan_to_num(scale, nan=0.0)
+        s_loc = sums[0] * scale
+        ez_loc = (sums[1] + (m_loc - m).nan_to_num(nan=0.0, neginf=0.0) * sums[0]) * scale
+        zt_loc = torch.where(has_t, sums[2], torch.zeros_like(sums[2]))
+        red = torch.stack([s_loc, ez_loc, zt_loc])
+        if world > 1:
+            dist.all_reduce(red, group=group)
+        log_z = red[0].log()  # logsumexp(z) - m
+        logprob = red[2] - m - log_z
+        entropy = log_z - red[1] / red[0] if with_entropy else None
+
+        ctx.group, ctx.start, ctx.valid = group, start, valid
+        ctx.chunk_elements, ctx.inplace = chunk_elements, inplace_backward
+        ctx.with_entropy = with_entropy
+        ctx.save_for_backward(logits, target, m, log_z, entropy if with_entropy else m)
+        ctx.mark_non_differentiable(target)
+        if with_entropy:
+            return logprob, entropy
+        return logprob, torch.zeros_like(logprob)
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy):
+        logits, target, m, log_z, entropy = ctx.saved_tensors
+        valid, start = ctx.valid, ctx.start
+        T, v_local = logits.shape
+        grad = logits if ctx.inplace else torch.empty_like(logits)
+        if valid < v_local:
+            grad[:, valid:].zero_()
+        use_ent = ctx.with_entropy and g_entropy is not None
+        local_t = target - start
+        has_t = (local_t >= 0) & (local_t < valid)
+        local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
+        g_lp = g_logprob.float() if g_logprob is not None else torch.zeros_like(m)
+        for a, b in _chunks(T, valid, ctx.chunk_elements):
+            logp = logits[a:b, :valid].float() - (m[a:b] + log_z[a:b]).unsqueeze(-1)
+            p = logp.exp()
+            gl = g_lp[a:b].unsqueeze(-1)
+            if use_ent:
+                # -g p - h p (log p + H)  =  -p (g + h (log p + H))
+                hh = g_entropy[a:b].float().unsqueeze(-1)
+                logp.add_(entropy[a:b].unsqueeze(-1)).mul_(hh).add_(gl)
+                g = p.mul_(logp).neg_()
+            else:
+                g = p.mul_(gl).neg_()
+            rows = torch.nonzero(has_t[a:b]).squeeze(1)
+            if rows.numel():
+                g[rows, local_t[a:b][rows]] += g_lp[a:b][rows]
+            grad[a:b, :valid] = g.to(grad.dtype)
+            del logp, p, g
+        return grad, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group=None,
+    *,
+    vocab_size: int | None = None,
+    with_entropy: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    inplace_backward: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log p(target)`` (and the entropy) from this rank's vocabulary slice of ``logits``.
+
+    Args:
+        logits: ``[..., V_local]``, any float dtype; this TP rank's slice of the padded vocabulary.
+        target: ``[...]`` global token ids (same on every TP rank).
+        group: the tensor-parallel process group (None: a single rank holds the whole vocabulary).
+        vocab_size: number of real vocabulary entries; columns beyond it are padding and ignored.
+        with_entropy: also return the entropy of the (real-vocabulary) distribution.
+        chunk_elements: fp32 elements per temporary; bounds the extra memory.
+        inplace_backward: write the gradient into the logits' storage (see module doc).
+
+    Returns:
+        ``(logprob, entropy)`` shaped like ``target``, fp32; ``entropy`` is None unless asked for.
+    """
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match"
+        )
+    lead = target.shape
+    lg = logits.reshape(-1, logits.shape[-1])
+    tg = target.reshape(-1).long()
+    lp, ent = _VocabParallelLogProb.apply(
+        lg, tg, group, vocab_size, chunk_elements, with_entropy, inplace_backward
+    )
+    return lp.view(lead), (ent.view(lead) if with_entropy else None)

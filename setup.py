@@ -1,0 +1,63 @@
+"""megatron_gopd: Generalized On-Policy Distillation (G-OPD, arXiv 2602.12125) on Megatron-Core.
+
+Version ranges are deliberate:
+- megatron-core 0.16.1 is the newest release that installs on Python 3.11 (our CI); GPU clusters
+  run newer releases (NGC containers, Python 3.12, 0.19.x). The code paths we use are kept
+  compatible across that range; the upper bound is the next release we have not read.
+- torch: any release megatron-core supports; CI installs the 2.13.0 CPU wheel explicitly.
+- transformers >= 4.51 is the first with Qwen3; 5.x changed config field names (rope_parameters),
+  which our architecture parser reads in both spellings.
+- sglang and transformer-engine are GPU-only and heavy: they live in the [gpu] extra, never in
+  the base install. apex is optional and not on PyPI (see README).
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+BASE = [
+    "torch>=2.6",
+    "megatron-core>=0.16.1,<0.20",
+    "transformers>=4.51,<6",
+    "safetensors>=0.4",
+    "sentencepiece>=0.2",
+    "numpy>=1.26",
+    "psutil>=5.9",  # required by megatron-core's dist_checkpointing
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "gpu": [
+        "transformer-engine[pytorch]>=2.4",
+        "sglang>=0.5.4",
+    ],
+    "test": [
+        "pytest>=8.0",
+        "pytest-timeout>=2.3",
+    ],
+    "dev": [
+        "ruff>=0.6",
+    ],
+}
+
+setup(
+    name="megatron_gopd",
+    version="0.1.0.dev0",
+    description="Generalized On-Policy Distillation (G-OPD / ExOPD) for Megatron-Core",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_gopd", "megatron_gopd.*"]),
+    install_requires=BASE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "gopd-score=megatron_gopd.scoring:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)
