@@ -16,10 +16,14 @@ def _install_triton_placeholder() -> None:
     name = "megatron.core.transformer.moe.ops.paged_stash"
     if name in _sys.modules or _ilu.find_spec("triton") is not None:
         return
+    # find_spec on a megatron submodule would import megatron itself (~9 s): read the version
+    from importlib import metadata
+
     try:
-        if _ilu.find_spec("megatron.core.transformer.moe.ops") is None:
-            return
-    except ModuleNotFoundError:
+        major, minor = (int(x) for x in metadata.version("megatron-core").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return
+    if (major, minor) < (0, 19):
         return
 
     def _unavailable(*_a, **_k):

@@ -164,6 +164,10 @@ def build_gpt(
         if float(arch.rope_theta).is_integer()
         else arch.rope_theta,
     )
+    if params_dtype != torch.float32:
+        # The local spec's torch norms ignore params_dtype; Megatron-LM's Float16Module casts the
+        # whole module, and so do we (RoPE frequencies are a plain attribute and stay fp32).
+        model.to(params_dtype)
     if arch.rope_scaling is not None:
         # Set all four Llama-3 parameters ourselves; megatron's rope_scaling fixes three of them.
         rope = model.rotary_pos_emb

@@ -202,5 +202,41 @@ def make_tiny_hf_model(
             else:
                 p.normal_(0.0, 0.08)
     model = model.to(dtype)
+    model.config.dtype = dtype
     model.save_pretrained(str(path))
     return model
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tiny_tokenizer(path, alphabet: str | None = None):
+    """A character-level HF tokenizer (fast), saved at ``path``; returns it.
+
+    Ids 0-4 are ``<pad> <s> </s> <|user|> <|assistant|>``, then one id per character of
+    ``alphabet``. Ships a chat template, so ``apply_chat_template`` works offline.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = alphabet or "0123456789abcdefghijklmnopqrstuvwxyz +-*/=?.,:()<>|_"
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?" if "?" in vocab else None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast

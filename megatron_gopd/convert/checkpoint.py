@@ -85,9 +85,12 @@ def convert_hf_to_megatron(
         padded_vocab_size=padded_vocab_size,
         tokenizer_vocab_size=tokenizer_vocab_size(hf_dir),
     )
+    weights = HFWeights(hf_dir)
+    if dtype is None and "model.embed_tokens.weight" in weights:
+        # keep the dtype the weights are stored in (config.json's torch_dtype may disagree)
+        dtype = weights["model.embed_tokens.weight"].dtype
     if dtype is not None:
         arch = _with_dtype(arch, dtype)
-    weights = HFWeights(hf_dir)
     mstate = mapping.hf_to_megatron(arch, weights)
     log.info("converting %s", arch.describe())
     with _single_process_megatron():
