@@ -1,0 +1,172 @@
+"""Resumable training checkpoints, written atomically.
+
+Layout of a save directory::
+
+    SAVE/
+      latest                    "iter_0000040": the newest complete iteration
+      iter_0000040/
+        gopd_model.json         architecture + HF config (a model checkpoint like a converted one)
+        tokenizer/
+        model/                  dist checkpoint of the student (loads at any TP/PP)
+        optim/                  dist checkpoint of the optimizer state (incl. fp32 main params)
+        rng/rank_XXXXX.pt       per-rank RNG states (python, numpy, torch, CUDA, TP tracker)
+        trainer_state.json      step, LR scheduler, data-iterator position, run metadata
+
+Atomicity: everything is written into ``SAVE/.iter_0000040.tmp`` first; only when all ranks have
+finished does rank 0 rename it into place and then replace ``latest`` (write + ``os.replace``).
+A crash mid-save leaves at most a ``.tmp`` directory (cleaned up by the next save) and ``latest``
+still names the previous complete iteration.
+
+Each iteration directory is itself a model checkpoint: ``--student-load``, ``gopd-score --load``
+and ``tools/convert_megatron_to_hf.py --load`` accept it (or the save directory: its latest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_gopd.models import (
+    LATEST_FILE,
+    META_FILE,
+    MODEL_SUBDIR,
+    TOKENIZER_SUBDIR,
+    CheckpointMeta,
+    resolve_checkpoint,
+)
+from megatron_gopd.utils import GopdError, get_logger
+
+__all__ = ["iteration_dir", "load_training_checkpoint", "save_training_checkpoint"]
+
+log = get_logger(__name__)
+
+OPTIM_SUBDIR = "optim"
+RNG_SUBDIR = "rng"
+STATE_FILE = "trainer_state.json"
+
+
+def iteration_dir(save: str | Path, step: int) -> Path:
+    return Path(save) / f"iter_{step:07d}"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    from megatron_gopd import platform
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if platform.cuda_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_training_checkpoint(
+    save: str | Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    meta: CheckpointMeta,
+    trainer_state: dict[str, Any],
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Collective over all ranks. ``model`` is the bare GPTModel chunk (not the DDP wrapper)."""
+    from megatron.core import dist_checkpointing
+
+    save = Path(save)
+    final = iteration_dir(save, step)
+    tmp = save / f".{final.name}.tmp"
+    if _rank() == 0:
+        save.mkdir(parents=True, exist_ok=True)
+        for stale in save.glob(".iter_*.tmp"):  # left by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / MODEL_SUBDIR).mkdir(parents=True)
+        (tmp / OPTIM_SUBDIR).mkdir()
+        (tmp / RNG_SUBDIR).mkdir()
+    _barrier()
+    model_sd = model.sharded_state_dict()
+    dist_checkpointing.save(model_sd, str(tmp / MODEL_SUBDIR))
+    dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict()), str(tmp / OPTIM_SUBDIR))
+    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
+    if _rank() == 0:
+        (tmp / META_FILE).write_text(meta.to_json())
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_SUBDIR, dirs_exist_ok=True)
+        state = dict(trainer_state, step=step,
+                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = save / f".{LATEST_FILE}.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, save / LATEST_FILE)
+    _barrier()
+    return final
+
+
+def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG; return the trainer state (step, scheduler,
+    data position). Collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_gopd.models import load_model_weights
+
+    ckpt = resolve_checkpoint(load)
+    state_file = ckpt / STATE_FILE
+    if not state_file.is_file() or not (ckpt / OPTIM_SUBDIR / "metadata.json").is_file():
+        raise GopdError(
+            f"{ckpt} is a model checkpoint, not a training checkpoint (no {STATE_FILE} / "
+            f"{OPTIM_SUBDIR}/): use it as --student-load to start a new run from its weights"
+        )
+    state = json.loads(state_file.read_text())
+    load_model_weights(model, ckpt)
+    opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(opt_sd, str(ckpt / OPTIM_SUBDIR))
+    except Exception as e:
+        raise GopdError(f"cannot load the optimizer state from {ckpt}: {str(e).splitlines()[0]}") from e
+    optimizer.load_state_dict(loaded)
+    rng_file = ckpt / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rng_file.is_file() and state.get("world_size") == world:
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif _rank() == 0:
+        log.warning("RNG states not restored (saved with %s ranks, now %s)", state.get("world_size"), world)
+    _barrier()
+    return state

@@ -1,0 +1,161 @@
+"""Prompt data: jsonl in, tokenized prompts out, in a deterministic and resumable order.
+
+Each line is a JSON object with ``prompt`` (text) or ``messages`` (chat, a list of
+``{"role", "content"}``), an optional ``domain`` (routes the prompt to its teacher in multi-teacher
+runs) and any other fields (``answer``, ``tests``, ...), which are kept as metadata and travel with
+the samples. Every problem is reported with its line number before any model is built.
+
+Order: epoch ``e`` visits the prompts in the permutation ``randperm(n, seed + e)``; the iterator's
+state is ``(epoch, offset)``, saved in checkpoints so that a resumed run sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_gopd.utils import GopdError
+
+__all__ = ["Prompt", "PromptDataset", "PromptIterator", "load_prompts"]
+
+DEFAULT_DOMAIN = "default"
+
+
+@dataclass
+class Prompt:
+    index: int  # line order in the file (0-based, blank lines excluded)
+    prompt_ids: list[int]
+    domain: str = DEFAULT_DOMAIN
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GopdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise GopdError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    has_prompt, has_msgs = "prompt" in rec, "messages" in rec
+    if has_prompt == has_msgs:
+        raise GopdError(f"{path}:{lineno}: needs exactly one of 'prompt' (text) or 'messages' (chat)")
+    if has_prompt and (not isinstance(rec["prompt"], str) or not rec["prompt"].strip()):
+        raise GopdError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
+    if has_msgs:
+        msgs = rec["messages"]
+        if (not isinstance(msgs, list) or not msgs
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
+            raise GopdError(f"{path}:{lineno}: 'messages' must be a non-empty list of "
+                            f"{{'role', 'content'}} objects")
+    if "domain" in rec and (not isinstance(rec["domain"], str) or not rec["domain"]):
+        raise GopdError(f"{path}:{lineno}: 'domain' must be a non-empty string")
+    return rec
+
+
+def load_prompts(
+    path: str | Path,
+    tokenizer,
+    *,
+    apply_chat_template: bool,
+    known_domains: set[str] | None = None,
+    max_prompt_len: int | None = None,
+) -> list[Prompt]:
+    """Read and tokenize a prompt jsonl; one clear error (with the line number) per problem.
+
+    ``known_domains``: the domains that have a teacher; ``None`` accepts any domain (single
+    teacher). Prompts longer than ``max_prompt_len`` tokens are an error here, where the user can
+    still fix the data, rather than a silent skip later.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GopdError(f"cannot read prompt data {path}: {e.strerror}") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    out: list[Prompt] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            raise GopdError(f"{path}:{lineno}: empty line")
+        rec = _parse_line(path, lineno, line)
+        domain = rec.get("domain", DEFAULT_DOMAIN)
+        if known_domains is not None and domain not in known_domains:
+            raise GopdError(
+                f"{path}:{lineno}: domain {domain!r} has no teacher (teachers: "
+                f"{', '.join(sorted(known_domains))}); add --teacher-load {domain}=PATH"
+            )
+        ids = tokenize_prompt(rec, tokenizer, apply_chat_template=apply_chat_template,
+                              where=f"{path}:{lineno}")
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            raise GopdError(f"{path}:{lineno}: prompt has {len(ids)} tokens, more than "
+                            f"--max-prompt-len {max_prompt_len}")
+        meta = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "domain")}
+        out.append(Prompt(index=len(out), prompt_ids=ids, domain=domain, metadata=meta))
+    if not out:
+        raise GopdError(f"prompt data {path} is empty")
+    return out
+
+
+def tokenize_prompt(rec: dict, tokenizer, *, apply_chat_template: bool, where: str = "") -> list[int]:
+    if apply_chat_template:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise GopdError(f"{where}: --apply-chat-template given but the tokenizer has no chat template")
+        msgs = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    if "messages" in rec:
+        raise GopdError(f"{where}: chat 'messages' need --apply-chat-template")
+    return list(tokenizer(rec["prompt"])["input_ids"])
+
+
+class PromptDataset:
+    def __init__(self, prompts: list[Prompt]):
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted({p.domain for p in self.prompts})
+
+
+@dataclass
+class PromptIterator:
+    """Endless, seeded, resumable walk over a dataset: ``next(k)`` returns ``k`` prompts."""
+
+    dataset: PromptDataset
+    seed: int
+    epoch: int = 0
+    offset: int = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def next(self, k: int) -> list[Prompt]:
+        out = []
+        order = self._order(self.epoch)
+        while len(out) < k:
+            if self.offset >= len(order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            out.append(self.dataset.prompts[order[self.offset]])
+            self.offset += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("size") != len(self.dataset):
+            raise GopdError(f"the prompt data changed since the checkpoint ({state.get('size')} prompts "
+                            f"then, {len(self.dataset)} now): cannot resume its order")
+        self.epoch, self.offset, self.seed = state["epoch"], state["offset"], state["seed"]

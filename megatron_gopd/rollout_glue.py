@@ -1,0 +1,149 @@
+"""The trainer's side of rollouts: start or attach servers, sample, push weights, shut down.
+
+Binds :mod:`megatron_gopd.rollout` (client, launcher) and :mod:`megatron_gopd.sync` (weight push)
+to a :class:`~megatron_gopd.config.TrainConfig`. Only global rank 0 talks HTTP; weight pushes are
+collective (every rank contributes its shards).
+
+Launched servers (``--rollout-engine sglang|cpu``) need a Hugging Face directory to start from: the
+student's weights *as the trainer holds them* (initial or resumed) are exported to
+``SAVE/rollout/init_hf`` first (collective gather, rank 0 writes), so a resumed run's servers start
+from the resumed weights. Attached servers (``external``) get those weights by the first push.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_gopd.config import TrainConfig
+from megatron_gopd.data import Prompt
+from megatron_gopd.types import Sample
+from megatron_gopd.utils import GopdError, get_logger
+
+__all__ = ["RolloutSide", "make_rollout"]
+
+log = get_logger(__name__)
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _agree(error: str | None) -> None:
+    """Every rank raises rank 0's error (none waits forever in a collective)."""
+    box = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise GopdError(box[0])
+
+
+class RolloutSide:
+    def __init__(self, cfg: TrainConfig, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.servers = None
+        self.client = None
+        self.syncer = None
+        self.version = None
+        r = cfg.rollout
+        self.workdir = (cfg.run_dir or Path(".")) / "rollout"
+        stop = tuple(t for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)} if t is not None)
+        from megatron_gopd.rollout import SamplingConfig
+
+        self.sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                       max_new_tokens=r.max_response_len, stop_token_ids=stop[:1])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def check_reachable(self) -> None:
+        """Attached servers must answer before any model is built (rank 0 asks, all raise)."""
+        error = None
+        if self.cfg.rollout.engine == "external" and _rank0():
+            from megatron_gopd.rollout import RolloutServers, ServerLaunchConfig
+
+            try:
+                self.servers = RolloutServers(ServerLaunchConfig(backend="attach", urls=self.cfg.rollout.urls)).start()
+            except GopdError as e:
+                error = str(e)
+        _agree(error)
+
+    def _launch(self, role) -> None:
+        """Export the student and start servers on it (engines that launch their own)."""
+        from megatron_gopd.rollout import RolloutServers, ServerLaunchConfig
+        from megatron_gopd.sync.export import export_role_to_hf
+
+        r = self.cfg.rollout
+        hf_dir = self.workdir / "init_hf"
+        export_role_to_hf(role, hf_dir, tokenizer=self.tokenizer)
+        error = None
+        if _rank0():
+            try:
+                self.servers = RolloutServers(ServerLaunchConfig(
+                    backend="sglang" if r.engine == "sglang" else "cpu",
+                    model_path=str(hf_dir), num_servers=r.num_servers, tp_size=r.sglang_tp_size,
+                    base_gpu_id=r.sglang_base_gpu_id, mem_fraction_static=r.sglang_mem_fraction_static,
+                    enable_memory_saver=r.sglang_enable_memory_saver, random_seed=self.cfg.seed,
+                    deterministic=True, log_dir=str(self.workdir / "logs"),
+                )).start()
+            except GopdError as e:
+                error = str(e)
+        _agree(error)
+
+    def _connect(self) -> None:
+        from megatron_gopd.rollout import ClientConfig, RolloutClient
+        from megatron_gopd.sync import SyncConfig, WeightSyncer
+
+        r = self.cfg.rollout
+        if _rank0():
+            self.client = RolloutClient(
+                lambda: self.servers.urls,
+                ClientConfig(max_in_flight_per_server=r.max_in_flight, request_timeout_s=r.timeout_s,
+                             progress=self.cfg.log.progress),
+                replace_server=self.servers.replace if r.engine != "external" else None,
+                generate_url=self.servers.generate_url,
+            )
+        urls = (lambda: self.servers.urls) if _rank0() else (lambda: [])
+        self.syncer = WeightSyncer(
+            SyncConfig(transport=r.weight_sync, bucket_bytes=r.weight_sync_bucket_mb * 1024**2,
+                       disk_dir=str(self.workdir / "weights"), check=r.weight_sync_check),
+            urls, tp_size_of=(self.servers.tp_size if _rank0() else None),
+        )
+
+    def push_weights(self, role) -> None:
+        """Collective. The first call starts (or reaches) the servers; every call pushes."""
+        if self.syncer is None:
+            if self.cfg.rollout.engine != "external":
+                self._launch(role)
+            self._connect()
+        # samples are only taken from servers holding this version (see RolloutClient.sample)
+        self.version = self.syncer.push(role).version
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None) -> list[Sample]:
+        """Rank 0 only: ``n`` responses per prompt with reproducible per-sample seeds."""
+        import dataclasses
+
+        from megatron_gopd.rollout import RolloutPrompt
+
+        sampling = dataclasses.replace(self.sampling, seed=seed)
+        if temperature is not None:
+            sampling = dataclasses.replace(sampling, temperature=temperature)
+        specs = [RolloutPrompt(p.prompt_ids, p.domain, p.metadata, p.index) for p in prompts]
+        samples = self.client.sample(specs, n, sampling, weight_version=self.version)
+        rep = self.client.last_report
+        if rep.failovers or rep.dead_servers or rep.skipped_too_long:
+            log.warning("rollout: %s", rep.summary())
+        return samples
+
+    def shutdown(self) -> None:
+        if self.syncer is not None:
+            self.syncer.close()
+        if self.servers is not None and _rank0():
+            self.servers.stop()
+
+
+def make_rollout(cfg: TrainConfig, tokenizer) -> RolloutSide:
+    return RolloutSide(cfg, tokenizer)

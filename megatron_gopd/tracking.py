@@ -1,0 +1,170 @@
+"""Observability: per-phase timers, metric reduction across micro-batches and ranks, and sinks
+(console, ``metrics.jsonl``, TensorBoard, Weights & Biases).
+
+Metrics from the loss arrive as ``name -> tensor([weighted_sum, weight])`` per micro-batch;
+:func:`reduce_reports` sums them over micro-batches and data-parallel ranks and divides once, so a
+token-weighted mean stays token-weighted however the batch was split. Only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_gopd.utils import get_logger
+
+__all__ = ["MetricsLogger", "PhaseTimer", "reduce_reports"]
+
+log = get_logger(__name__)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase of a step (rollout, teacher, reference, update, sync...)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        from megatron_gopd import platform
+
+        if platform.cuda_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if platform.cuda_available():
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        self.seconds = defaultdict(float)
+        return out
+
+
+def reduce_reports(reports: Iterable[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
+    """Sum ``[weighted_sum, weight]`` pairs over micro-batches, then over ``group``; divide.
+
+    Every rank of ``group`` must pass the same metric names in any order (a metric missing on one
+    rank, e.g. a domain absent from its shard, is filled with zeros there).
+    """
+    acc: dict[str, torch.Tensor] = {}
+    for rep in reports:
+        for k, v in rep.items():
+            v = v.detach().float().reshape(-1)[:2].cpu()
+            acc[k] = acc[k] + v if k in acc else v.clone()
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        names = [None] * dist.get_world_size(group)
+        dist.all_gather_object(names, sorted(acc), group=group)
+        all_names = sorted(set().union(*names))
+        from megatron_gopd import platform
+
+        dev = platform.device() if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        stacked = torch.stack([acc.get(k, torch.zeros(2)) for k in all_names]).to(dev)
+        dist.all_reduce(stacked, group=group)
+        acc = dict(zip(all_names, stacked.cpu(), strict=True))
+    return {k: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for k, v in acc.items()}
+
+
+class MetricsLogger:
+    """Rank-0 sink for per-step metrics. ``metrics.jsonl`` is always written when a run directory
+    exists (the plot script reads it); TensorBoard and W&B when configured."""
+
+    def __init__(self, run_dir: Path | None, cfg, *, run_config: dict[str, Any] | None = None,
+                 resume_step: int = 0):
+        self.enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.cfg = cfg
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        if not self.enabled:
+            return
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path = run_dir / "metrics.jsonl"
+            if resume_step and path.exists():
+                _truncate_after(path, resume_step)
+            self._jsonl = path.open("a")
+        tb_dir = cfg.tensorboard_dir or (str(run_dir / "tensorboard") if run_dir else None)
+        if tb_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(tb_dir, purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard logs")
+        if cfg.wandb_project and cfg.wandb_mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("--wandb-project needs `pip install wandb`") from None
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, name=cfg.wandb_exp_name, mode=cfg.wandb_mode,
+                dir=cfg.wandb_save_dir or (str(run_dir) if run_dir else None),
+                config=run_config or {}, resume="allow",
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop lines of steps after the checkpoint (they will be recomputed)."""
+    keep = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+def format_step_line(step: int, total: int, m: dict[str, float]) -> str:
+    """One console line with what users watch first."""
+    parts = [f"step {step}/{total}"]
+    for key, label, fmt in (
+        ("loss/reverse_kl", "rKL", "{:.4f}"),
+        ("loss/advantage_mean", "adv", "{:+.4f}"),
+        ("loss/entropy", "ent", "{:.3f}"),
+        ("rollout/response_len", "len", "{:.1f}"),
+        ("eval/accuracy", "acc", "{:.3f}"),
+        ("optim/grad_norm", "gnorm", "{:.3f}"),
+        ("perf/tokens_per_s", "tok/s", "{:.0f}"),
+        ("time/step", "s/step", "{:.2f}"),
+    ):
+        if key in m and m[key] is not None and math.isfinite(m[key]):
+            parts.append(f"{label} {fmt.format(m[key])}")
+    return " | ".join(parts)

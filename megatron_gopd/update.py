@@ -1,0 +1,189 @@
+"""The student update: collate samples, run megatron-core's pipeline schedule with the G-OPD loss,
+step the optimizer.
+
+Collation aligns every per-token quantity with Megatron's *labels*: position ``j`` of a row holds
+the value for token ``j + 1`` (the logits at ``j`` predict it). A response token at absolute index
+``p`` therefore sits at position ``p - 1``.
+
+The loss is a sum over tokens with ``config.calculate_per_token_loss=True``: megatron-core divides
+the gradients by the token count summed over micro-batches and data-parallel ranks
+(``finalize_model_grads``), so the update is the exact token-mean of the global batch however it
+is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_gopd.types import RolloutBatch, Sample
+
+__all__ = ["Optimizer", "build_optimizer", "collate", "train_step"]
+
+
+def collate(
+    samples: list[Sample],
+    *,
+    domains: list[str],
+    lam_of,
+    with_ref: bool,
+    pad_rows_to: int = 1,
+    pad_to_multiple: int = 8,
+    seq_len: int | None = None,
+) -> RolloutBatch:
+    """Right-padded, label-aligned tensors for ``samples`` (rows added up to a multiple of
+    ``pad_rows_to`` are all-masked dummies, so every micro-batch has one shape)."""
+    n = len(samples)
+    rows = max(1, -(-n // pad_rows_to) * pad_rows_to)
+    longest = max((len(s.tokens) for s in samples), default=2)
+    S = seq_len or max(2, -(-longest // pad_to_multiple) * pad_to_multiple)
+    tokens = torch.zeros((rows, S), dtype=torch.long)
+    mask = torch.zeros((rows, S), dtype=torch.float32)
+    teacher = torch.zeros((rows, S), dtype=torch.float32)
+    ref = torch.zeros((rows, S), dtype=torch.float32) if with_ref else None
+    have_rollout = n > 0 and all(s.rollout_logprobs_T is not None for s in samples)
+    rollout = torch.zeros((rows, S), dtype=torch.float32) if have_rollout else None
+    lam = torch.ones(rows, dtype=torch.float32)
+    dom = torch.zeros(rows, dtype=torch.long)
+    lens = torch.zeros(rows, dtype=torch.long)
+    for i, s in enumerate(samples):
+        t = s.tokens
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        tokens[i, : len(t)] = torch.as_tensor(t)
+        lens[i] = len(t)
+        lam[i] = lam_of(s.domain)
+        dom[i] = domains.index(s.domain)
+        if R == 0 or s.finish_reason == "abort":
+            continue
+        a, b = P - 1, P - 1 + R
+        mask[i, a:b] = 1.0
+        teacher[i, a:b] = torch.as_tensor(s.teacher_logprobs_T, dtype=torch.float32)
+        if with_ref:
+            if s.ref_logprobs_T is None:
+                raise ValueError(f"sample of prompt {s.prompt_index} has no reference log-probs")
+            ref[i, a:b] = torch.as_tensor(s.ref_logprobs_T, dtype=torch.float32)
+        if rollout is not None:
+            rollout[i, a:b] = torch.as_tensor(s.rollout_logprobs_T, dtype=torch.float32)
+    return RolloutBatch(
+        tokens_BS=tokens, response_mask_BS=mask, teacher_logprobs_BS=teacher, ref_logprobs_BS=ref,
+        rollout_logprobs_BS=rollout, lam_B=lam, domain_ids_B=dom, domains=list(domains),
+        seq_lens_B=lens,
+    )
+
+
+@dataclass
+class Optimizer:
+    ddp: object  # megatron DistributedDataParallel around the student's GPTModel
+    optimizer: object  # MegatronOptimizer
+    scheduler: object  # OptimizerParamScheduler
+
+
+def build_optimizer(model, optim_cfg, *, train_iters: int, bf16: bool) -> Optimizer:
+    """Megatron DDP + optimizer + LR scheduler, wired into the model config as Megatron-LM does."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = model.config
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+        ),
+        module=model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim_cfg.lr,
+            min_lr=optim_cfg.min_lr,
+            weight_decay=optim_cfg.weight_decay,
+            adam_beta1=optim_cfg.adam_beta1,
+            adam_beta2=optim_cfg.adam_beta2,
+            adam_eps=optim_cfg.adam_eps,
+            clip_grad=optim_cfg.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+        ),
+        [ddp],
+    )
+    decay_iters = optim_cfg.lr_decay_iters or train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim_cfg.lr_warmup_iters else optim_cfg.lr,
+        max_lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        lr_warmup_steps=optim_cfg.lr_warmup_iters,
+        lr_decay_steps=max(decay_iters, optim_cfg.lr_warmup_iters + 1),
+        lr_decay_style=optim_cfg.lr_decay_style,
+        start_wd=optim_cfg.weight_decay,
+        end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=max(1, train_iters),
+        wd_incr_style="constant",
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ddp.no_sync
+    return Optimizer(ddp=ddp, optimizer=optimizer, scheduler=scheduler)
+
+
+def train_step(opt: Optimizer, batch: RolloutBatch, *, micro_batch_size: int, loss_cfg, vocab_size: int,
+               frozen_logits=None) -> tuple[list[dict], dict[str, float]]:
+    """One optimizer step on ``batch`` (this data-parallel rank's share).
+
+    ``frozen_logits(tokens_BS) -> (teacher_logits, ref_logits)`` supplies the frozen roles'
+    vocab-parallel logits for the full-vocabulary estimators (None for the sampled estimator).
+    Returns the per-micro-batch loss reports (last pipeline stage; [] elsewhere) and optimizer
+    stats.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gopd import platform
+    from megatron_gopd.loss import gopd_loss
+
+    device = platform.device()
+    rows, S = batch.tokens_BS.shape
+    if rows % micro_batch_size:
+        raise ValueError(f"batch of {rows} rows is not a multiple of micro batch {micro_batch_size}")
+    micro = [batch.slice(a, a + micro_batch_size).to(device) for a in range(0, rows, micro_batch_size)]
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    position_ids = torch.arange(S, device=device).unsqueeze(0).expand(micro_batch_size, S)
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        logits = model(mb.tokens_BS, position_ids, None)
+        extra = {}
+        if frozen_logits is not None and ps.is_pipeline_last_stage():
+            extra["teacher_logits_BSV"], extra["ref_logits_BSV"] = frozen_logits(mb)
+        return logits, partial(gopd_loss, mb=mb, cfg=loss_cfg, tp_group=tp_group,
+                               vocab_size=vocab_size, **extra)
+
+    opt.ddp.zero_grad_buffer()
+    opt.optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro),
+        model=[opt.ddp],
+        num_microbatches=len(micro),
+        seq_length=S,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = opt.optimizer.step()
+    if ok:
+        opt.scheduler.step(increment=1)
+    stats = {
+        "optim/lr": opt.optimizer.param_groups[0]["lr"],
+        "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "optim/update_skipped": 0.0 if ok else 1.0,
+    }
+    return reports or [], stats
