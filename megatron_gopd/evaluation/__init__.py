@@ -1,0 +1,1 @@
+"""Evaluation as in the G-OPD paper (placeholder, filled below)."""
