@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from megatron_gopd.evaluation.benchmarks import BenchmarkSpec
+from megatron_gopd.evaluation.benchmarks import BenchmarkSpec, load_benchmark
 from megatron_gopd.evaluation.evaluate import EvalConfig, evaluate
 from megatron_gopd.evaluation.generation import ChatFormat, Generator, HFGenerator
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
@@ -81,7 +81,9 @@ def build_generator(args: argparse.Namespace):
     export the Megatron checkpoint to HF, serve it, then the same client.
     """
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if args.hf_model:
         tok_path = args.tokenizer or args.hf_model
         try:
@@ -139,13 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         sandbox_limits=limits,
     )
     chat = ChatFormat(args.chat_template, args.system_prompt, template_kwargs)
+    tags = _parse_tags(args.tag)
+    problems = {s.name: load_benchmark(s) for s in specs}  # bad files fail before the model loads
     sandbox = None
     if any(s.domain == "code" for s in specs):
         sandbox = Sandbox(limits, python=args.sandbox_python, isolation=args.sandbox_isolation)
     generator, tokenizer = build_generator(args)
     summary = evaluate(
         generator, tokenizer, specs, args.output_dir, cfg,
-        chat=chat, tags=_parse_tags(args.tag), sandbox=sandbox,
+        chat=chat, tags=tags, sandbox=sandbox, problems=problems,
     )  # fmt: skip
     from megatron_gopd.evaluation.evaluate import summary_markdown
 

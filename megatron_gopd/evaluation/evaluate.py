@@ -78,10 +78,12 @@ def evaluate(
     chat: ChatFormat | None = None,
     tags: dict[str, Any] | None = None,
     sandbox: Sandbox | None = None,
+    problems: dict[str, list[Problem]] | None = None,
 ) -> dict[str, Any]:
     """Generate ``n`` samples per problem of each benchmark, grade them, write and return the
     summary (see the module docstring). ``tags`` (e.g. step, lambda, run name) are copied into
-    the summary for reports and plots."""
+    the summary for reports and plots. ``problems``: benchmarks already loaded, by name (a
+    trainer evaluating every N steps loads them once)."""
     cfg = config or EvalConfig()
     specs = [b if isinstance(b, BenchmarkSpec) else BenchmarkSpec.parse(b) for b in benchmarks]
     if not specs:
@@ -89,7 +91,9 @@ def evaluate(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise GopdError(f"benchmark names must be unique, got {names}")
-    loaded = {s.name: load_benchmark(s) for s in specs}  # fail on bad files before generating
+    problems = problems or {}
+    # fail on bad files before generating anything
+    loaded = {s.name: problems.get(s.name) or load_benchmark(s) for s in specs}
     encoder = PromptEncoder(tokenizer, chat)
     out = Path(output_dir)
     (out / "records").mkdir(parents=True, exist_ok=True)
