@@ -135,7 +135,7 @@ def evaluate(
         "sandbox_isolation": list(sandbox.isolation) if sandbox else None,
         "benchmarks": results,
     }
-    _write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _write_text(out / "summary.md", summary_markdown(summary))
     return summary
 
