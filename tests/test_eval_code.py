@@ -125,6 +125,24 @@ def test_evalplus_correct_wrong_and_completion_style(sandbox):
     ).correct
 
 
+def test_mbpp_set_equality_tasks(sandbox, tmp_path):
+    row = {
+        "task_id": "Mbpp/2",
+        "prompt": '"""\nShared elements of two lists.\n"""\n',
+        "entry_point": "similar_elements",
+        "canonical_solution": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
+        "base_input": [[[3, 4, 5, 6], [5, 7, 4, 10]]],
+        "plus_input": [],
+    }
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    (p,) = load_benchmark(BenchmarkSpec("m", "evalplus", str(tmp_path / "m.jsonl")))
+    assert p.tests["compare"] == "set"
+    other_order = (
+        "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b), reverse=True))"
+    )
+    assert grade_code(sandbox, p, fenced(other_order)).correct
+
+
 def test_humaneval_check_function(sandbox, tmp_path):
     row = json.loads((SAMPLES / "humaneval_plus_sample.jsonl").read_text().splitlines()[0])
     for key in ("base_input", "plus_input", "canonical_solution"):

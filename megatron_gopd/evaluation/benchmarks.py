@@ -70,6 +70,14 @@ LCB_PRELUDE = (
     "import math, sys, re, string, random, heapq, bisect, itertools, functools, collections\n"
 )
 
+# MBPP+ tasks whose outputs EvalPlus compares as sets, or only as "is not None" (the reference
+# returns one valid answer among several)
+MBPP_SET_EQ_TASKS = frozenset(
+    ("similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly",
+     "larg_nnum", "intersection_array", "find_dissimilar", "Diff")
+)  # fmt: skip
+MBPP_NOT_NONE_TASKS = frozenset(("check_str", "text_match_three", "text_starta_endb"))
+
 _PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "prompt")
 _ANSWER_KEYS = ("answer", "Answer", "final_answer", "expected_answer")
 _SOLUTION_KEYS = ("solution", "Solution")
@@ -240,7 +248,13 @@ def _evalplus_problem(row: dict, index: int) -> Problem:
             "inputs": inputs,
             "atol": float(row.get("atol") or 0.0),
             "entry_point": entry,
+            "compare": "exact",
         }
+        if str(row.get("task_id", "")).startswith("Mbpp/"):
+            if entry in MBPP_SET_EQ_TASKS:
+                tests["compare"] = "set"
+            elif entry in MBPP_NOT_NONE_TASKS:
+                tests["compare"] = "not_none"
     elif row.get("test"):
         test = str(row["test"])
         if "def check(" in test:

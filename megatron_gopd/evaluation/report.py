@@ -8,7 +8,8 @@ recomputed here from the per-sample records (bootstrap over problems, see ``metr
 made at different times are compared the same way; the "Avg" column bootstraps each benchmark's
 problems independently and averages the benchmark means, as the paper's averages do. With a
 baseline, a third table gives each run's difference to it on the same problems (paired bootstrap),
-marked ``*`` when its interval excludes 0.
+marked ``*`` when its interval excludes 0 and the benchmark has at least ``MIN_PROBLEMS_FOR_STAR``
+problems.
 """
 
 from __future__ import annotations

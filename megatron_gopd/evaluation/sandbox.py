@@ -3,8 +3,9 @@
 Layers, each used when the machine offers it (``Sandbox.isolation`` says which are active; all of
 them are on a stock Debian 12 kernel, as root or not):
 
-- **Process and limits** (always): a new session; ``RLIMIT_CPU`` (SIGKILL at the limit), ``RLIMIT_AS`` (allocations fail with ``MemoryError``), ``RLIMIT_FSIZE`` (stdout, stderr
-  and every file the program writes; Python ignores SIGXFSZ, so writes fail with ``EFBIG``),
+- **Process and limits** (always): a new session; ``RLIMIT_CPU`` (SIGKILL at the limit),
+  ``RLIMIT_AS`` (allocations fail with ``MemoryError``), ``RLIMIT_FSIZE`` (stdout, stderr and
+  every file the program writes; Python ignores SIGXFSZ, so writes fail with ``EFBIG``),
   ``RLIMIT_NPROC`` (fork bombs: ``fork()`` fails with ``EAGAIN``), ``RLIMIT_NOFILE``, no core
   dumps; a wall-clock limit after which the launcher's whole process group is SIGKILLed.
 - **Clean environment**: ``env`` is a fixed minimal dict (no variable of the caller's reaches the
@@ -25,8 +26,10 @@ them are on a stock Debian 12 kernel, as root or not):
 - **Fallback**: without a network namespace and without landlock-net, a Python audit hook vetoes
   socket connect/bind/send (bypassable with ctypes: a warning says so once).
 
-What this does *not* stop (no seccomp filter, no cgroup): kernel exploits; CPU time of up to
-``max_processes`` processes at once until the wall-clock limit; filling the temp dir's disk with
+What this does *not* stop (no seccomp filter, no cgroup, no mount namespace): kernel exploits
+through any syscall; limits are per process, so up to ``max_processes`` processes may each use
+``cpu_seconds`` of CPU (until the wall-clock limit) and ``memory_bytes`` of memory; filling the disk
+under the temp dir with
 many files of up to ``output_bytes`` each until the wall-clock limit (no quota); reading
 world-readable files under the allowed system dirs (``/usr``, ``/etc/ld.so.cache``); programs that
 attack the in-process test harness to forge a verdict (see ``_harness.py``). Without landlock a
