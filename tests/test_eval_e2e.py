@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gopd.evaluation import ChatFormat, EvalConfig, HFGenerator, evaluate
+from megatron_gopd.evaluation import ChatFormat, EvalConfig, HFGenerator, evaluate, flat_metrics
 from megatron_gopd.evaluation.__main__ import main
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
 from megatron_gopd.evaluation.testing import ScriptedGenerator, make_tiny_tokenizer
@@ -126,6 +126,10 @@ def test_pipeline_grades_known_answers(tiny, sandbox, tmp_path):
         s["benchmarks"], 1.0
     )
     assert s["benchmarks"]["lcb"]["status_counts"] == {"passed": 8}
+    flat = flat_metrics(s)
+    assert flat["eval/avg_math/accuracy"] == flat["eval/avg_code/accuracy"] == 1.0
+    assert flat["eval/math/accuracy"] == 1.0 and flat["eval/math/samples_per_problem"] == 4
+    assert flat["eval/lcb/pass@4"] == 1.0 and "eval/lcb/mean_response_tokens" in flat
     s = evaluate(
         ScriptedGenerator(tok, oracle(0.0)),
         tok,

@@ -10,7 +10,7 @@
 """
 
 from megatron_gopd.evaluation.benchmarks import BenchmarkSpec, Problem, load_benchmark
-from megatron_gopd.evaluation.evaluate import EvalConfig, evaluate
+from megatron_gopd.evaluation.evaluate import EvalConfig, evaluate, flat_metrics
 from megatron_gopd.evaluation.generation import ChatFormat, Completion, Generator, HFGenerator
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
 
@@ -25,5 +25,6 @@ __all__ = [
     "Sandbox",
     "SandboxLimits",
     "evaluate",
+    "flat_metrics",
     "load_benchmark",
 ]

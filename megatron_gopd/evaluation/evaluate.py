@@ -28,7 +28,7 @@ from megatron_gopd.evaluation.metrics import score_summary
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
 from megatron_gopd.utils import GopdError, get_logger
 
-__all__ = ["EvalConfig", "evaluate", "summary_markdown"]
+__all__ = ["EvalConfig", "evaluate", "flat_metrics", "summary_markdown"]
 
 _log = get_logger(__name__)
 
@@ -205,6 +205,28 @@ def _benchmark_summary(spec: BenchmarkSpec, problems, records, cfg: EvalConfig) 
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         s["status_counts"] = dict(sorted(counts.items()))
     return s
+
+
+def flat_metrics(summary: dict, prefix: str = "eval") -> dict[str, float]:
+    """Scalars for a training logger: ``eval/<benchmark>/accuracy``, ``.../ci_low``,
+    ``.../mean_response_tokens``, ``.../pass@k``, ``.../truncated_fraction``; and the mean over
+    benchmarks of each domain (``eval/avg_math/accuracy``, ``eval/avg_code/accuracy``), as the paper
+    reports averages."""
+    out: dict[str, float] = {}
+    by_domain: dict[str, list[dict]] = {}
+    for name, b in summary["benchmarks"].items():
+        for key, value in b.items():
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and key != "ci_level"
+            ):
+                out[f"{prefix}/{name}/{key}"] = float(value)
+        by_domain.setdefault(b["domain"], []).append(b)
+    for domain, bs in by_domain.items():
+        for key in ("accuracy", "mean_response_tokens"):
+            out[f"{prefix}/avg_{domain}/{key}"] = sum(b[key] for b in bs) / len(bs)
+    return out
 
 
 def summary_markdown(summary: dict) -> str:
