@@ -199,17 +199,12 @@ def test_cli(tiny, tmp_path, capsys):
         assert main(["--hf-model", str(path), "--output-dir", str(tmp_path / "x"), *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
-    assert (
-        main(
-            [
-                "--hf-model",
-                str(tmp_path / "missing"),
-                "--output-dir",
-                str(tmp_path / "y"),
-                "--benchmark",
-                BENCHMARKS[0],
-            ]
-        )
-        == 2
-    )
-    assert "cannot load a tokenizer" in capsys.readouterr().err
+    out = ["--output-dir", str(tmp_path / "y"), "--benchmark", BENCHMARKS[0]]
+    for model_args, msg in [
+        (["--hf-model", str(tmp_path / "missing")], "cannot load a tokenizer"),
+        ([], "exactly one of --hf-model DIR and --rollout-urls"),
+        (["--hf-model", str(path), "--rollout-urls", "http://127.0.0.1:1"], "exactly one of"),
+        (["--rollout-urls", "http://127.0.0.1:1"], "--rollout-urls needs --tokenizer"),
+    ]:
+        assert main([*model_args, *out]) == 2
+        assert msg in capsys.readouterr().err

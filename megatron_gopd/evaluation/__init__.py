@@ -11,7 +11,13 @@
 
 from megatron_gopd.evaluation.benchmarks import BenchmarkSpec, Problem, load_benchmark
 from megatron_gopd.evaluation.evaluate import EvalConfig, evaluate, flat_metrics
-from megatron_gopd.evaluation.generation import ChatFormat, Completion, Generator, HFGenerator
+from megatron_gopd.evaluation.generation import (
+    ChatFormat,
+    Completion,
+    Generator,
+    HFGenerator,
+    RolloutClientGenerator,
+)
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "Generator",
     "HFGenerator",
     "Problem",
+    "RolloutClientGenerator",
     "Sandbox",
     "SandboxLimits",
     "evaluate",

@@ -15,7 +15,12 @@ import sys
 
 from megatron_gopd.evaluation.benchmarks import BenchmarkSpec, load_benchmark
 from megatron_gopd.evaluation.evaluate import EvalConfig, evaluate
-from megatron_gopd.evaluation.generation import ChatFormat, Generator, HFGenerator
+from megatron_gopd.evaluation.generation import (
+    ChatFormat,
+    Generator,
+    HFGenerator,
+    RolloutClientGenerator,
+)
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
 from megatron_gopd.utils import GopdError, cli_errors
 
@@ -32,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--hf-model", help="HF checkpoint dir: generate in this process with transformers"
     )
-    g.add_argument("--tokenizer", help="tokenizer dir (default: the model dir)")
+    g.add_argument("--rollout-urls", nargs="+", metavar="URL",
+                   help="running SGLang (or CPU) servers: generate through the rollout client")  # fmt: skip
+    g.add_argument("--tokenizer", help="tokenizer dir (default: the --hf-model dir)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument(
         "--device", default=None, help="torch device for --hf-model (default: cuda if present)"
@@ -76,26 +83,37 @@ def build_parser() -> argparse.ArgumentParser:
 def build_generator(args: argparse.Namespace):
     """The generation backend and its tokenizer, from the command line.
 
-    Another backend is one more branch here returning ``(generator, tokenizer)``: e.g.
-    ``--rollout-urls`` -> the rollout client wrapped as a :class:`Generator`, or ``--load`` ->
-    export the Megatron checkpoint to HF, serve it, then the same client.
+    Another backend is one more branch here returning ``(generator, tokenizer)``; e.g. ``--load``:
+    export the Megatron checkpoint to HF, serve it (``RolloutServers``), then the same
+    :class:`RolloutClientGenerator` as ``--rollout-urls``.
     """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if bool(args.hf_model) == bool(args.rollout_urls):
+        raise GopdError("pass exactly one of --hf-model DIR and --rollout-urls URL ...")
+    tok_path = args.tokenizer or args.hf_model
+    if not tok_path:
+        raise GopdError("--rollout-urls needs --tokenizer DIR (the served model's tokenizer)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    except (OSError, ValueError) as e:
+        raise GopdError(f"cannot load a tokenizer from {tok_path}: {e}") from None
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    gen: Generator
     if args.hf_model:
-        tok_path = args.tokenizer or args.hf_model
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_path)
-        except (OSError, ValueError) as e:
-            raise GopdError(f"cannot load a tokenizer from {tok_path}: {e}") from None
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
-        gen: Generator = HFGenerator(
-            args.hf_model, eos_token_ids=eos, device=args.device, dtype=args.dtype
+        gen = HFGenerator(
+            args.hf_model, eos_token_ids=eos or None, device=args.device, dtype=args.dtype
         )
-        return gen, tokenizer
-    raise GopdError("no model given: pass --hf-model DIR")
+    else:
+        try:
+            from megatron_gopd.rollout import ClientConfig, RolloutClient
+        except ImportError as e:
+            raise GopdError(f"--rollout-urls needs megatron_gopd.rollout: {e}") from None
+        client = RolloutClient(list(args.rollout_urls), ClientConfig(progress=False))
+        gen = RolloutClientGenerator(client, stop_token_ids=eos)
+    return gen, tokenizer
 
 
 def _parse_tags(items: list[str]) -> dict:

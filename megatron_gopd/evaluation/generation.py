@@ -17,7 +17,14 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from megatron_gopd.utils import GopdError
 
-__all__ = ["ChatFormat", "Completion", "Generator", "HFGenerator", "PromptEncoder"]
+__all__ = [
+    "ChatFormat",
+    "Completion",
+    "Generator",
+    "HFGenerator",
+    "PromptEncoder",
+    "RolloutClientGenerator",
+]
 
 
 class Completion(NamedTuple):
@@ -184,3 +191,52 @@ class HFGenerator:
             if t in self.eos_token_ids:
                 return Completion(seq[: i + 1], "stop")
         return Completion(seq[:max_new_tokens], "length")
+
+
+class RolloutClientGenerator:
+    """The rollout client (``megatron_gopd.rollout.RolloutClient``: SGLang or the CPU server) as a
+    :class:`Generator`. The trainer passes the client it rolls out with (after the weight push,
+    with that ``weight_version``); ``gopd-eval --rollout-urls`` would build one from URLs.
+
+    Prompts the client skips (longer than the server's context budget) come back as an empty
+    ``abort`` completion, so they count as wrong rather than vanish from the denominator."""
+
+    def __init__(
+        self,
+        client,
+        *,
+        stop_token_ids: Sequence[int] = (),
+        weight_version: str | None = None,
+    ) -> None:
+        self.client = client
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.weight_version = weight_version
+
+    def generate(
+        self,
+        prompts_token_ids: Sequence[Sequence[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[list[Completion]]:
+        from megatron_gopd.rollout import RolloutPrompt, SamplingConfig
+
+        prompts = [
+            RolloutPrompt(prompt_ids=list(ids), domain="eval", prompt_index=i)
+            for i, ids in enumerate(prompts_token_ids)
+        ]
+        sampling = SamplingConfig(
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+            seed=seed,
+        )
+        samples = self.client.sample(prompts, n, sampling, weight_version=self.weight_version)
+        out = [[Completion([], "abort") for _ in range(n)] for _ in prompts]
+        for s in samples:
+            out[s.prompt_index][s.sample_index] = Completion(list(s.response_ids), s.finish_reason)
+        return out
