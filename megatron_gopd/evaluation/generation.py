@@ -157,10 +157,9 @@ class HFGenerator:
         import torch
 
         out: list[list[Completion]] = []
-        with (
-            torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []),
-            torch.no_grad(),
-        ):
+        dev = torch.device(self.device)
+        cuda_rngs = [dev.index or 0] if dev.type == "cuda" else []  # fork_rng takes indices
+        with torch.random.fork_rng(devices=cuda_rngs), torch.no_grad():
             for ids in prompts_token_ids:
                 inp = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
                 greedy = temperature == 0
