@@ -9,6 +9,10 @@ Version ranges are deliberate:
   which our architecture parser reads in both spellings.
 - sglang and transformer-engine are GPU-only and heavy: they live in the [gpu] extra, never in
   the base install. apex is optional and not on PyPI (see README).
+- math-verify is in the base install: the trainer's periodic evaluation grades math answers with
+  it (small, pure Python; the antlr4 4.13 runtime is the one its LaTeX parser is generated for).
+  Plots (matplotlib) and parquet benchmark files (pyarrow) are the [eval] extra, imported lazily;
+  [test] lists them too so that CI exercises them.
 """
 
 from pathlib import Path
@@ -25,6 +29,12 @@ BASE = [
     "psutil>=5.9",  # required by megatron-core's dist_checkpointing
     "pyyaml>=6.0",
     "tqdm>=4.66",
+    "math-verify[antlr4_13_2]>=0.9,<1",
+]
+
+EVAL = [
+    "matplotlib>=3.7",
+    "pyarrow>=14",
 ]
 
 EXTRAS = {
@@ -32,9 +42,11 @@ EXTRAS = {
         "transformer-engine[pytorch]>=2.4",
         "sglang>=0.5.4",
     ],
+    "eval": EVAL,
     "test": [
         "pytest>=8.0",
         "pytest-timeout>=2.3",
+        *EVAL,
     ],
     "dev": [
         "ruff>=0.6",
@@ -49,11 +61,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_gopd", "megatron_gopd.*"]),
+    package_data={"megatron_gopd.evaluation": ["samples/*.jsonl"]},
     install_requires=BASE,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "gopd-score=megatron_gopd.scoring:main",
+            "gopd-eval=megatron_gopd.evaluation.__main__:main",
         ],
     },
     classifiers=[
