@@ -51,7 +51,7 @@ def perturb(role, seed):
             sharded = tp_partition_dim(name) is not None
             key = f"{seed}:{name}:{tp_rank if sharded else 0}".encode()
             g = torch.Generator().manual_seed(zlib.crc32(key))
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
 
 
 def _push_and_score(ckpt, url, transport, disk_dir, seed, bug=None):

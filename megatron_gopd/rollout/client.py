@@ -153,27 +153,35 @@ class _Job:
 class RolloutClient:
     """Client of one or more SGLang (or CPU stand-in) servers; see the module docstring.
 
-    ``urls``: the servers weight sync and admin calls go to. ``generate_url``: where generation
-    goes instead, e.g. an sglang-router in front of ``urls`` (then failover is the router's).
-    ``replace_server(dead_url) -> new_url | None``: called in a thread when a server died.
+    ``urls``: the servers, or a callable returning the current list (e.g.
+    ``lambda: servers.urls``, so that a restarted server is used by later calls).
+    ``generate_url``: where generation goes instead, e.g. an sglang-router in front of ``urls``
+    (then failover is the router's). ``replace_server(dead_url) -> new_url | None``: called in a
+    thread when a server died (``RolloutServers.replace``). ``last_report`` is live while a call
+    runs.
     """
 
     def __init__(
         self,
-        urls: Sequence[str],
+        urls: Sequence[str] | Callable[[], Sequence[str]],
         config: ClientConfig | None = None,
         *,
         replace_server: Callable[[str], str | None] | None = None,
         generate_url: str | None = None,
     ):
-        if not urls and not generate_url:
+        self._urls = urls
+        if not self.urls and not generate_url:
             raise GopdError("the rollout client needs at least one server URL")
-        self.urls = [u.rstrip("/") for u in urls]
         self.config = config or ClientConfig()
         self.replace_server = replace_server
         self.generate_url = generate_url.rstrip("/") if generate_url else None
         self.last_report = RolloutReport()
         self._context_length = self.config.context_length
+
+    @property
+    def urls(self) -> list[str]:
+        urls = self._urls() if callable(self._urls) else self._urls
+        return [u.rstrip("/") for u in urls]
 
     # ------------------------------------------------------------------ high level
 
@@ -196,7 +204,7 @@ class RolloutClient:
         if n < 1:
             raise GopdError(f"n must be >= 1, got {n}")
         specs = [p if isinstance(p, RolloutPrompt) else RolloutPrompt(*p) for p in prompts]
-        report = RolloutReport()
+        report = self.last_report = RolloutReport()
         budget = self._prompt_budget(sampling.max_new_tokens)
         kept = []
         for p in specs:
@@ -241,7 +249,6 @@ class RolloutClient:
                             metadata=dict(p.metadata),
                         )
                     )
-        self.last_report = report
         return samples
 
     def _sample_job(
@@ -285,9 +292,8 @@ class RolloutClient:
                 "rid": f"gopd-score-{uuid.uuid4().hex[:12]}-{i}",
             }
             jobs.append(_Job(i, payload["rid"], payload, n_items=1, want_logprobs=True))
-        report = RolloutReport()
+        report = self.last_report = RolloutReport()
         await self._run_jobs(jobs, report, total=len(jobs), desc="scoring")
-        self.last_report = report
         out = []
         for s, job in zip(sequences, jobs):
             lps = job.outputs[0].input_logprobs
