@@ -4,6 +4,7 @@ References are independent of the server: the HF model run in this process (full
 cache) for log-probs, and the sampling rules themselves for stop ids / lengths / seeds.
 """
 
+import itertools
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -282,3 +283,47 @@ def test_flush_cache_retries_while_busy(served):
     client.flush_cache(timeout_s=60)  # returns only once a flush succeeded
     t.join()
     assert busy_seen
+
+
+# ---------------------------------------------------------------------------------- launcher
+
+
+def test_sglang_command_has_the_rl_flags():
+    cfg = ServerLaunchConfig(
+        backend="sglang",
+        model_path="/models/student-hf",
+        num_servers=2,
+        tp_size=4,
+        base_gpu_id=0,
+        mem_fraction_static=0.7,
+        enable_memory_saver=True,
+        deterministic=True,
+        extra_args=("--disable-radix-cache",),
+    )
+    cmd = RolloutServers(cfg).command(1, 30001)
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    flags = dict(itertools.pairwise(cmd))
+    assert flags["--model-path"] == "/models/student-hf" and flags["--port"] == "30001"
+    assert flags["--tp-size"] == "4" and flags["--base-gpu-id"] == "4"  # server 1: GPUs 4..7
+    assert flags["--mem-fraction-static"] == "0.7"
+    for f in ("--enable-memory-saver", "--skip-tokenizer-init", "--enable-deterministic-inference"):
+        assert f in cmd
+    assert cmd[-1] == "--disable-radix-cache"
+
+
+def test_attach_to_running_servers(served):
+    from megatron_gopd.utils import GopdError, free_port
+
+    servers, _ = served
+    attached = RolloutServers(
+        ServerLaunchConfig(backend="attach", urls=tuple(servers.urls))
+    ).start()
+    assert attached.urls == servers.urls and attached.tp_size(servers.urls[0]) == 1
+    assert attached.replace(servers.urls[0]) is None  # not ours to restart
+    attached.stop()  # stops nothing it did not start
+    assert RolloutClient(servers.urls).health() == {servers.urls[0]: True}
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(GopdError, match="do not answer /health"):
+        RolloutServers(ServerLaunchConfig(backend="attach", urls=(dead,))).start()
+    with pytest.raises(GopdError, match="needs their URLs"):
+        ServerLaunchConfig(backend="attach")
