@@ -17,6 +17,7 @@ from megatron_gopd.rollout import (
     ClientConfig,
     ProtocolError,
     RolloutClient,
+    RolloutError,
     RolloutPrompt,
     RolloutServers,
     SamplingConfig,
@@ -327,3 +328,15 @@ def test_attach_to_running_servers(served):
         RolloutServers(ServerLaunchConfig(backend="attach", urls=(dead,))).start()
     with pytest.raises(GopdError, match="needs their URLs"):
         ServerLaunchConfig(backend="attach")
+
+
+def test_answers_from_another_weight_version_are_not_used(served):
+    servers, _ = served
+    client = RolloutClient(servers.urls, ClientConfig(progress=False))
+    version = http_json(servers.urls[0] + "/model_info")[1]["weight_version"]
+    cfg = SamplingConfig(max_new_tokens=2)
+    assert len(client.sample(prompts(2), 1, cfg, weight_version=version)) == 2
+    with pytest.raises(RolloutError, match="stale weights") as e:
+        client.sample(prompts(2), 1, cfg, weight_version="step-999")
+    assert servers.urls[0] in str(e.value)
+    assert client.last_report.stale_servers == servers.urls

@@ -82,6 +82,15 @@ def _push_and_score(ckpt, url, transport, disk_dir, seed, bug=None):
     if dist.get_rank() != 0:
         return None
     after = client.score([SEQ])[0]
+    if bug is None:  # the server reports the pushed version: rollouts can insist on it
+        from megatron_gopd.rollout import RolloutPrompt, SamplingConfig
+
+        client.sample(
+            [RolloutPrompt(SEQ[:4])],
+            1,
+            SamplingConfig(max_new_tokens=2),
+            weight_version=f"step{seed}",
+        )
     return torch.tensor(before), torch.tensor(after), megatron, report
 
 

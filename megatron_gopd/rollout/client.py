@@ -69,9 +69,11 @@ class RolloutError(GopdError):
 
 
 class _ServerDown(Exception):
-    def __init__(self, server: _Server, cause: str):
+    """Move the job elsewhere: the server is dead, or (``stale``) alive with other weights."""
+
+    def __init__(self, server: _Server, cause: str, stale: bool = False):
         super().__init__(cause)
-        self.server, self.cause = server, cause
+        self.server, self.cause, self.stale = server, cause, stale
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class RolloutReport:
     skipped_too_long: int = 0
     aborted: int = 0
     dead_servers: list[str] = field(default_factory=list)
+    # alive but serving another weight version than asked for (e.g. restarted since the last push)
+    stale_servers: list[str] = field(default_factory=list)
     restarted_servers: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -125,6 +129,8 @@ class RolloutReport:
             s += f", {self.failovers} moved off dead servers {self.dead_servers}"
         if self.restarted_servers:
             s += f", restarted as {self.restarted_servers}"
+        if self.stale_servers:
+            s += f", stale weights on {self.stale_servers}"
         if self.skipped_too_long:
             s += f", {self.skipped_too_long} prompts skipped as too long"
         if self.aborted:
@@ -146,6 +152,7 @@ class _Job:
     payload: dict[str, Any]
     n_items: int
     want_logprobs: bool
+    weight_version: str | None = None
     attempts: int = 0
     outputs: list[GenerateOutput] | None = None
 
@@ -190,16 +197,27 @@ class RolloutClient:
         prompts: Sequence[RolloutPrompt | tuple],
         n: int,
         sampling: SamplingConfig,
+        *,
+        weight_version: str | None = None,
     ) -> list[Sample]:
         """``n`` samples of every prompt, as :class:`Sample` objects in prompt order.
 
         ``prompts``: :class:`RolloutPrompt` or ``(prompt_ids, domain, metadata, prompt_index)``.
         Prompts over the context budget yield no samples (counted in ``last_report``).
+        ``weight_version``: the version of the last weight push (``WeightSyncer.push(version=)``);
+        answers from a server with another version (one restarted since, with the launch
+        weights) are not used: the server is left out of this rollout and the request goes
+        elsewhere, so no off-policy sample slips in.
         """
-        return _run(self.asample(prompts, n, sampling))
+        return _run(self.asample(prompts, n, sampling, weight_version=weight_version))
 
     async def asample(
-        self, prompts: Sequence[RolloutPrompt | tuple], n: int, sampling: SamplingConfig
+        self,
+        prompts: Sequence[RolloutPrompt | tuple],
+        n: int,
+        sampling: SamplingConfig,
+        *,
+        weight_version: str | None = None,
     ) -> list[Sample]:
         if n < 1:
             raise GopdError(f"n must be >= 1, got {n}")
@@ -229,6 +247,8 @@ class RolloutClient:
             for a in range(0, len(kept), self.config.prompts_per_request)
         ]
         jobs = [self._sample_job(i, g, n, sampling) for i, g in enumerate(groups)]
+        for job in jobs:
+            job.weight_version = weight_version
         await self._run_jobs(jobs, report, total=len(kept) * n, desc="rollout")
         samples: list[Sample] = []
         for g, job in zip(groups, jobs):
@@ -354,11 +374,20 @@ class RolloutClient:
                         task = asyncio.create_task(self._do_job(session, s, job, report))
                         running[task] = (job, s)
                     if not running and not restarts:
+                        why = []
+                        if report.dead_servers:
+                            why.append(
+                                f"{len(report.dead_servers)} died "
+                                f"({', '.join(report.dead_servers)}) and none came back"
+                            )
+                        if report.stale_servers:
+                            why.append(
+                                f"{len(report.stale_servers)} serve stale weights "
+                                f"({', '.join(report.stale_servers)}): push the weights first"
+                            )
                         raise RolloutError(
-                            f"no rollout server left: {len(report.dead_servers)} died "
-                            f"({', '.join(report.dead_servers)}), none came back; "
-                            f"{len(pending)} of {len(jobs)} requests unfinished "
-                            f"(last error: {last_error})"
+                            f"no rollout server left: {'; '.join(why)}; {len(pending)} of "
+                            f"{len(jobs)} requests unfinished (last error: {last_error})"
                         )
                     done, _ = await asyncio.wait(
                         [*running, *restarts], return_when=asyncio.FIRST_COMPLETED
@@ -391,7 +420,11 @@ class RolloutClient:
                         last_error = f"{exc.server.url}: {exc.cause}"
                         pending.appendleft(job)
                         report.failovers += 1
-                        if s.alive:
+                        if s.alive and exc.stale:
+                            s.alive = False
+                            report.stale_servers.append(s.url)
+                            log.warning("leaving %s out of this rollout: %s", s.url, exc.cause)
+                        elif s.alive:
                             s.alive = False
                             report.dead_servers.append(s.url)
                             log.warning(
@@ -460,6 +493,14 @@ class RolloutClient:
                     ):
                         problem = "aborted by the server"
                     else:
+                        got = {o.weight_version for o in outs}
+                        if job.weight_version is not None and got != {job.weight_version}:
+                            raise _ServerDown(
+                                server,
+                                f"serves weight version {sorted(map(str, got))}, "
+                                f"expected {job.weight_version!r}",
+                                stale=True,
+                            )
                         job.outputs = outs
                         report.responses += len(outs)
                         report.tokens += sum(len(o.output_ids) for o in outs)
