@@ -43,7 +43,7 @@ from megatron_gopd.utils import cli_errors, get_logger
 
 __all__ = ["CpuServer", "main"]
 
-log = get_logger(__name__)
+log = get_logger("megatron_gopd.rollout.cpu_server")  # not __name__: also run as __main__
 
 # sampling fields SGLang accepts that this server does not implement, with their neutral values
 _UNSUPPORTED_NEUTRAL = {
