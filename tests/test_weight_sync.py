@@ -145,3 +145,42 @@ def test_negative_control_broken_tp_merge_is_caught(setup):
         parallel=ParallelConfig(2, 1),
     )[0]
     assert (after - megatron).abs().max().item() > 100 * TOL
+
+
+def _push_expecting_failure(ckpt, url, transport, backend):
+    from megatron_gopd.models import build_role
+    from megatron_gopd.sync import SyncConfig, SyncError, WeightSyncer
+
+    role = build_role("student", ckpt, frozen=False)
+    cfg = SyncConfig(transport=transport, backend=backend, timeout_s=60, bucket_bytes=64 * 1024)
+    syncer = WeightSyncer(cfg, [url])
+    try:
+        syncer.push(role, version="bad")
+    except SyncError as e:
+        return str(e)
+    finally:
+        syncer.close()
+    return None
+
+
+@pytest.mark.parametrize("transport,backend", [("tensor", None), ("distributed", "nccl")])
+def test_failed_push_raises_on_every_rank(setup, transport, backend):
+    """Rank 0's transport fails; the TP peer must not hang in the gather and gets the error."""
+    from megatron_gopd.utils import free_port
+
+    d, servers = setup
+    url = f"http://127.0.0.1:{free_port()}" if transport == "tensor" else servers.urls[0]
+    msgs = run_distributed(
+        _push_expecting_failure,
+        2,
+        str(d / "mcore"),
+        url,
+        transport,
+        backend,
+        parallel=ParallelConfig(2, 1),
+        timeout=120,
+    )
+    assert msgs[0] is not None and msgs[0] == msgs[1]
+    assert "weight sync bad failed" in msgs[0]
+    if transport == "tensor":
+        assert url in msgs[0] and "unreachable" in msgs[0]

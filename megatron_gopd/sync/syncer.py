@@ -204,8 +204,8 @@ class WeightSyncer:
             try:
                 transport = self._make_transport(role)
                 transport.begin(version)
-            except GopdError as e:
-                error = str(e)
+            except Exception as e:
+                error = _describe(e)
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
         pending = None  # one bucket held back, so that the last one is known as last
@@ -217,8 +217,8 @@ class WeightSyncer:
             try:
                 transport.send(named, last=last, version=version)
                 report.buckets += 1
-            except GopdError as e:
-                error = str(e)
+            except Exception as e:
+                error = _describe(e)
 
         for name, t in iter_hf_tensors(role, dtype=dtype):
             report.tensors += 1
@@ -240,8 +240,8 @@ class WeightSyncer:
             if error is None and cfg.check:
                 try:
                     report.check_max_diff = self._check(sent_rows, checks)
-                except GopdError as e:
-                    error = str(e)
+                except Exception as e:
+                    error = _describe(e)
         self._pushes += 1
         report.seconds = time.monotonic() - t0
         # every rank raises the same error, none waits forever for rank 0
@@ -296,6 +296,14 @@ class WeightSyncer:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+
+
+def _describe(e: Exception) -> str:
+    """A transport failure as one line for every rank; a bug also gets its traceback logged."""
+    if not isinstance(e, GopdError):
+        log.exception("weight sync failed on rank 0")
+        return f"{type(e).__name__}: {e}"
+    return str(e)
 
 
 def _hf_config_of(role) -> dict:

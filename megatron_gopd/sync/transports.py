@@ -25,7 +25,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class _Transport:
         self.urls = list(urls)
         self.tp_sizes = list(tp_sizes)
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=max(len(self.urls), 1))
+        self._pool = ThreadPoolExecutor(max_workers=len(self.urls) + 1)
 
     def _post_all(self, path: str, payload_for) -> list[Future]:
         return [
@@ -168,22 +168,31 @@ class DistributedTransport(_Transport):
                 "backend": self.backend,
             },
         )
-        try:
-            self.pg = init_custom_process_group(
-                backend=self.backend,
-                init_method=f"tcp://{self.master_address}:{port}",
-                world_size=world,
-                rank=0,
-                group_name=self.group_name,
-                timeout=timedelta(seconds=self.timeout_s),
-            )
-        except Exception as e:
-            for f in futures:
-                f.cancel()
-            raise SyncError(
-                f"joining the weight-update group {self.group_name} "
-                f"(tcp://{self.master_address}:{port}, world {world}) failed: {e}"
-            ) from None
+        # The trainer joins in a thread too: if a server refuses (wrong backend, no route), fail
+        # now with its message instead of waiting out the rendezvous timeout.
+        join = self._pool.submit(
+            init_custom_process_group,
+            backend=self.backend,
+            init_method=f"tcp://{self.master_address}:{port}",
+            world_size=world,
+            rank=0,
+            group_name=self.group_name,
+            timeout=timedelta(seconds=self.timeout_s),
+        )
+        remaining = {*futures, join}
+        while remaining:
+            done, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is None:
+                    continue
+                if f is join:
+                    raise SyncError(
+                        f"joining the weight-update group {self.group_name} "
+                        f"(tcp://{self.master_address}:{port}, world {world}) failed: "
+                        f"{f.exception()}"
+                    )
+                raise SyncError(f"creating the weight-update group failed: {f.exception()}")
+        self.pg = join.result()
         self._wait(futures)
         log.info("weight-update group %s: trainer + %d server rank(s)", self.group_name, world - 1)
 
