@@ -30,6 +30,9 @@ BASE = [
     "pyyaml>=6.0",
     "tqdm>=4.66",
     "math-verify[antlr4_13_2]>=0.9,<1",
+    # rollout client: asyncio HTTP with bounded concurrency (SGLang's own benchmarks use it);
+    # 3.9 is the first with the timeout/connector API we use, 4.x is unreleased
+    "aiohttp>=3.9,<4",
 ]
 
 EVAL = [
@@ -40,7 +43,10 @@ EVAL = [
 EXTRAS = {
     "gpu": [
         "transformer-engine[pytorch]>=2.4",
+        # the rollout protocol is pinned to SGLang 0.5.23's schema (megatron_gopd.rollout.protocol);
+        # the fields we use are the same back to 0.5.4
         "sglang>=0.5.4",
+        "sglang-router>=0.2",
     ],
     "eval": EVAL,
     "test": [

@@ -1,0 +1,374 @@
+"""The model side of our CPU stand-in for SGLang: sampling, prefill scoring and weight updates with
+the Hugging Face ``transformers`` model of the student.
+
+Semantics follow SGLang 0.5.23 where a trainer can observe them:
+
+* **Reported log-probs** of sampled tokens are ``log_softmax(logits / T)`` of the token, taken
+  *before* top-k / top-p truncation, as SGLang's sampler returns them (``log(probs)`` of the
+  temperature-scaled softmax); with ``T == 0`` (greedy) they are ``log_softmax(logits)``. Setting
+  ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` reports untempered log-probs, as in SGLang. Prompt
+  log-probs (``input_token_logprobs``, prefill scoring) are never tempered.
+* Sampling: temperature, then top-k, then top-p on the sorted probabilities (SGLang's
+  ``top_k_top_p_min_p_sampling_from_probs_torch``), then a multinomial draw. A request's
+  ``sampling_seed`` seeds a generator of its own, so seeded samples do not depend on what else
+  the server is doing; unseeded ones draw from the server generator (``--random-seed``).
+* Stops: a token in ``stop_token_ids`` or the model's EOS ids (unless ``ignore_eos``) ends the
+  sample with ``{"type": "stop", "matched": id}``, the stop token included in ``output_ids``;
+  ``max_new_tokens`` or the context length ends it with ``{"type": "length", "length": k}``;
+  ``/abort_request`` ends it with ``{"type": "abort", ...}`` and the tokens generated so far.
+* Weight updates take HF names (``model.layers.0.self_attn.q_proj.weight``); a tied model ignores
+  ``lm_head.weight`` as SGLang's Llama/Qwen loaders do. An update is validated whole (names,
+  shapes) before the first copy, so a bad update leaves the old weights in place.
+
+The model runs in the checkpoint's dtype unless told otherwise, with eager attention, so that its
+log-probs are a faithful fp32 reference for the parity tests.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_gopd.rollout.protocol import TOP_K_ALL
+
+__all__ = ["CpuEngine", "GenItem"]
+
+
+@dataclass
+class GenItem:
+    """One sample to generate (SGLang expands a batch with n samples into such items)."""
+
+    rid: str
+    input_ids: list[int]
+    params: dict[str, Any]
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    # filled by generation
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[float | None] | None = None
+    finish: dict[str, Any] | None = None
+
+
+class CpuEngine:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        context_length: int | None = None,
+        random_seed: int = 0,
+    ):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_path = model_path
+        config = AutoConfig.from_pretrained(model_path)
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype, attn_implementation="eager"
+        ).eval()
+        self.model.requires_grad_(False)
+        self.config = config
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.context_length = int(
+            context_length or getattr(config, "max_position_embeddings", 4096)
+        )
+        self.vocab_size = int(config.vocab_size)
+        self.eos_ids = _eos_ids(model_path, config)
+        self.generator = torch.Generator().manual_seed(random_seed)
+        self.weight_version = "default"
+        self.return_original_logprob = os.environ.get(
+            "SGLANG_RETURN_ORIGINAL_LOGPROB", ""
+        ).lower() in ("1", "true", "yes")
+        # one model step at a time; requests interleave between steps
+        self.model_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._running = 0
+        self._aborted: set[str] = set()
+        self._abort_epoch = 0
+        self._groups: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def busy(self) -> bool:
+        with self._state_lock:
+            return self._running > 0
+
+    def abort(self, rid: str | None, abort_all: bool) -> None:
+        with self._state_lock:
+            if abort_all:
+                self._abort_epoch += 1
+            elif rid:
+                self._aborted.add(rid)
+
+    def _is_aborted(self, rid: str, epoch: int) -> bool:
+        with self._state_lock:
+            return epoch != self._abort_epoch or any(rid.startswith(a) for a in self._aborted)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, items: list[GenItem]) -> list[GenItem]:
+        """Generate every item; items with the same prompt run as one batch."""
+        with self._state_lock:
+            self._running += 1
+            epoch = self._abort_epoch
+        try:
+            groups: dict[tuple[int, ...], list[GenItem]] = {}
+            for it in items:
+                groups.setdefault(tuple(it.input_ids), []).append(it)
+            for prompt, group in groups.items():
+                self._generate_group(list(prompt), group, epoch)
+        finally:
+            with self._state_lock:
+                self._running -= 1
+                for it in items:
+                    self._aborted.discard(it.rid)
+        return items
+
+    def _forward(self, input_ids: torch.Tensor, cache=None):
+        with self.model_lock:
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.logits.float(), out.past_key_values
+
+    def _generate_group(self, prompt: list[int], items: list[GenItem], epoch: int) -> None:
+        b, n_prompt = len(items), len(prompt)
+        ids = torch.tensor([prompt] * b, dtype=torch.long)
+        logits, cache = self._forward(ids)
+        for it in items:
+            if it.return_logprob:
+                start = it.logprob_start_len if it.logprob_start_len >= 0 else n_prompt - 1
+                lp = F.log_softmax(logits[0, :-1], dim=-1)
+                lp = lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+                it.input_logprobs = [None, *lp][start:]
+        last = logits[:, -1]
+        params = [_normalize(it.params) for it in items]
+        gens = [
+            torch.Generator().manual_seed(p["sampling_seed"] % 2**63)
+            if p["sampling_seed"] is not None
+            else None
+            for p in params
+        ]
+        active = list(range(b))
+        step = 0
+        while True:
+            still = []
+            for i in active:
+                it, p = items[i], params[i]
+                if self._is_aborted(it.rid, epoch):
+                    it.finish = {
+                        "type": "abort",
+                        "message": "Abort request",
+                        "status_code": None,
+                        "err_type": None,
+                    }
+                    continue
+                if len(it.output_ids) >= p["max_new_tokens"] or n_prompt + step >= (
+                    self.context_length
+                ):
+                    it.finish = {"type": "length", "length": len(it.output_ids)}
+                    continue
+                tok, lp = self._sample(last[i], p, gens[i])
+                it.output_ids.append(tok)
+                if it.return_logprob:
+                    it.output_logprobs.append(lp)
+                if tok in p["stop_token_ids"] or (not p["ignore_eos"] and tok in self.eos_ids):
+                    it.finish = {"type": "stop", "matched": tok}
+                    continue
+                still.append(i)
+            active = still
+            if not active:
+                return
+            step += 1
+            nxt = torch.tensor([[it.output_ids[-1] if it.output_ids else 0] for it in items])
+            logits, cache = self._forward(nxt, cache)
+            last = logits[:, -1]
+
+    def _sample(
+        self, logits: torch.Tensor, p: dict[str, Any], gen: torch.Generator | None
+    ) -> tuple[int, float]:
+        t = p["temperature"]
+        if p["top_k"] == 1:  # greedy (SGLang maps temperature 0 to top_k 1)
+            tok = int(torch.argmax(logits))
+            return tok, float(F.log_softmax(logits, dim=-1)[tok])
+        scaled = logits / t
+        logprobs = F.log_softmax(scaled, dim=-1)
+        probs = logprobs.exp()
+        sorted_p, idx = torch.sort(probs, descending=True)
+        if p["top_k"] < sorted_p.numel():
+            sorted_p[p["top_k"] :] = 0.0
+        if p["top_p"] < 1.0:
+            cum = torch.cumsum(sorted_p, dim=0)
+            sorted_p[(cum - sorted_p) > p["top_p"]] = 0.0
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen or self.generator)
+        tok = int(idx[choice])
+        lp = F.log_softmax(logits, dim=-1)[tok] if self.return_original_logprob else logprobs[tok]
+        return tok, float(lp)
+
+    # ------------------------------------------------------------------ weights
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy HF-named tensors into the model; all-or-nothing. Returns the number loaded."""
+        params = self._params()
+        staged = []
+        for name, t in named:
+            if self.tied and name == "lm_head.weight":
+                continue
+            if name not in params:
+                raise ValueError(f"unknown parameter {name!r} for {type(self.model).__name__}")
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"{name}: shape {tuple(t.shape)} does not match the model's "
+                    f"{tuple(params[name].shape)}"
+                )
+            staged.append((params[name], t))
+        with self.model_lock, torch.no_grad():
+            for p, t in staged:
+                p.copy_(t.to(p.dtype))
+        return len(staged)
+
+    def load_from_disk(self, model_path: str) -> int:
+        from megatron_gopd.convert.hf_io import HFWeights
+
+        weights = HFWeights(model_path)
+        n = self.load_weights((k, weights[k]) for k in weights)
+        self.model_path = model_path
+        return n
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list | None:
+        params = self._params()
+        if name == "lm_head.weight" and self.tied:
+            name = "model.embed_tokens.weight"
+        if name not in params:
+            return None
+        return params[name].detach().to(torch.float32).numpy().tolist()[:truncate_size]
+
+    # ------------------------------------------------------------------ distributed updates
+
+    def init_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> None:
+        from megatron_gopd.sync.process_group import init_custom_process_group
+
+        if backend not in ("gloo",):
+            raise ValueError(f"the CPU server supports the gloo backend only, not {backend!r}")
+        self._groups[group_name] = init_custom_process_group(
+            backend=backend,
+            init_method=f"tcp://{master_address}:{master_port}",
+            world_size=world_size,
+            rank=rank_offset,  # + tp_rank, which is 0 here
+            group_name=group_name,
+        )
+
+    def destroy_group(self, group_name: str) -> bool:
+        import torch.distributed as dist
+
+        pg = self._groups.pop(group_name, None)
+        if pg is None:
+            return False
+        dist.destroy_process_group(pg)
+        return True
+
+    def receive_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        load_format: str | None,
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Receive one broadcast from rank 0 of the group, in SGLang's order."""
+        import torch.distributed as dist
+
+        if group_name not in self._groups:
+            raise ValueError(
+                f"Group {group_name} not in {list(self._groups)}. "
+                "Please call `init_weights_update_group` first."
+            )
+        pg = self._groups[group_name]
+        tdt = [getattr(torch, d) for d in dtypes]
+        if load_format == "flattened_bucket":
+            sizes = [torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, tdt)]
+            buf = torch.empty(sum(sizes), dtype=torch.uint8)
+            dist.broadcast(buf, src=0, group=pg)
+            out, off = [], 0
+            for name, s, d, n in zip(names, shapes, tdt, sizes):
+                out.append((name, buf[off : off + n].view(d).reshape(s)))
+                off += n
+            return out
+        out = []
+        for name, s, d in zip(names, shapes, tdt):
+            t = torch.empty(s, dtype=d)
+            dist.broadcast(t, src=0, group=pg)
+            out.append((name, t))
+        return out
+
+    # ------------------------------------------------------------------ health
+
+    def health_generate(self) -> None:
+        """One prefill step, skipped while requests run (they prove the model works)."""
+        if not self.busy:
+            self._forward(torch.tensor([[0]]))
+
+
+def _normalize(sp: dict[str, Any]) -> dict[str, Any]:
+    """SGLang's SamplingParams defaults and special cases (temperature 0 -> top_k 1)."""
+    t = sp.get("temperature")
+    t = 1.0 if t is None else float(t)
+    top_k = sp.get("top_k")
+    top_k = TOP_K_ALL if top_k in (None, -1) else int(top_k)
+    if 0 <= t < 1e-6:
+        t, top_k = 1.0, 1
+    mnt = sp.get("max_new_tokens")
+    return {
+        "temperature": t,
+        "top_p": 1.0 if sp.get("top_p") is None else float(sp["top_p"]),
+        "top_k": top_k,
+        "max_new_tokens": 128 if mnt is None else int(mnt),
+        "stop_token_ids": set(sp.get("stop_token_ids") or ()),
+        "ignore_eos": bool(sp.get("ignore_eos") or False),
+        "sampling_seed": sp.get("sampling_seed"),
+    }
+
+
+def _eos_ids(model_path: str, config) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(config, "eos_token_id", None)]
+    try:
+        from transformers import GenerationConfig
+
+        sources.append(GenerationConfig.from_pretrained(model_path).eos_token_id)
+    except Exception:
+        pass
+    for e in sources:
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,162 @@
+"""The payload of ``/update_weights_from_tensor``: named tensors pickled the way SGLang reads them.
+
+SGLang (0.5.23, ``MultiprocessingSerializer`` + ``SafeUnpickler`` in ``srt/utils/common.py``)
+takes ``serialized_named_tensors``: one base64 string per server TP rank, each a pickle of either
+``[(hf_name, tensor), ...]`` (``load_format=None``) or, with ``load_format="flattened_bucket"``,
+``{"flattened_tensor": uint8 tensor, "metadata": [FlattenedTensorMetadata, ...]}``.
+
+* CUDA tensors travel as CUDA IPC handles: ``ForkingPickler`` with torch's reductions (SGLang's
+  own serializer when it is importable, which also patches the device mapping). The sender must
+  keep the tensors alive until the server answered.
+* CPU tensors travel **by value**: a plain pickle, whose storages SGLang's ``SafeUnpickler``
+  rebuilds through its safe ``torch.load``. (``ForkingPickler`` would pass CPU storages as file
+  descriptors through ``multiprocessing.resource_sharer``, which only works between processes of
+  one multiprocessing family; a separately launched server cannot open them.)
+
+:func:`deserialize_named_tensors` is the receiving side for our CPU server, with the same
+allow-list idea as SGLang's unpickler: torch's rebuild functions and plain containers only.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FlattenedTensorMetadata",
+    "deserialize_named_tensors",
+    "flatten_bucket",
+    "serialize_named_tensors",
+    "sglang_serializer",
+]
+
+
+@dataclass
+class FlattenedTensorMetadata:
+    """Field-for-field stand-in for ``sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata``."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+def flatten_bucket(named: list[tuple[str, torch.Tensor]]):
+    """``[(name, tensor)]`` -> (one uint8 tensor, metadata) in SGLang's FlattenedTensorBucket
+    layout: each tensor's bytes back to back, offsets in bytes. Returns None when the bucket
+    mixes dtypes so that a tensor would start at an offset its dtype cannot view."""
+    flat, meta, off = [], [], 0
+    for name, t in named:
+        if off % t.element_size():
+            return None
+        b = t.detach().contiguous().flatten().view(torch.uint8)
+        meta.append(
+            FlattenedTensorMetadata(name, t.shape, t.dtype, off, off + b.numel(), b.numel())
+        )
+        flat.append(b)
+        off += b.numel()
+    return torch.cat(flat), meta
+
+
+def sglang_serializer():
+    """SGLang's ``MultiprocessingSerializer`` (patched for CUDA IPC), or None without SGLang."""
+    try:
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    except Exception:
+        return None
+    monkey_patch_torch_reductions()
+    return MultiprocessingSerializer
+
+
+def serialize_named_tensors(obj: Any) -> str:
+    """Base64 pickle of ``obj`` (a named-tensor list or a flattened-bucket dict)."""
+    on_cuda = any(t.is_cuda for t in _tensors(obj))
+    if on_cuda:
+        ser = sglang_serializer()
+        if ser is not None:
+            return ser.serialize(obj, output_str=True)
+        from multiprocessing.reduction import ForkingPickler
+
+        import torch.multiprocessing  # noqa: F401  (registers the CUDA IPC reductions)
+
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(obj)
+        return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(pickle.dumps(obj)).decode()
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, dict):
+        yield obj["flattened_tensor"]
+    else:
+        for _, t in obj:
+            yield t
+
+
+def _load_storage(data: bytes):
+    storage = torch.load(io.BytesIO(data), weights_only=True)
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"expected a torch storage, got {type(storage).__name__}")
+    return storage
+
+
+class _Unpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("builtins", n) for n in ("list", "tuple", "dict", "int", "float", "str", "bytes")
+    } | {
+        ("collections", "OrderedDict"),
+        ("copyreg", "__newobj__"),
+        ("copyreg", "_reconstructor"),
+        ("torch", "Size"),
+        ("torch", "dtype"),
+        ("torch._utils", "_rebuild_tensor"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_tensor_v3"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch._tensor", "_rebuild_from_type_v2"),
+        ("torch.storage", "UntypedStorage"),
+        ("torch.storage", "TypedStorage"),
+        ("torch", "Tensor"),
+        ("torch.nn.parameter", "Parameter"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _load_storage
+        if module == "sglang.srt.weight_sync.tensor_bucket" and name == "FlattenedTensorMetadata":
+            return FlattenedTensorMetadata
+        if module == "torch" and (name.endswith(("Storage", "Tensor")) or _is_dtype(name)):
+            return getattr(torch, name)
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"blocked unsafe global ({module}.{name}) in a weight update")
+
+
+def _is_dtype(name: str) -> bool:
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def deserialize_named_tensors(
+    payload: str, load_format: str | None
+) -> list[tuple[str, torch.Tensor]]:
+    data = base64.b64decode(payload, validate=True)
+    obj = _Unpickler(io.BytesIO(data)).load()
+    if load_format == "flattened_bucket":
+        flat = obj["flattened_tensor"]
+        return [
+            (m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape))
+            for m in obj["metadata"]
+        ]
+    if load_format not in (None, "direct"):
+        raise ValueError(f"Unknown load_format={load_format}")
+    if not isinstance(obj, (list, tuple)):
+        raise ValueError("serialized_named_tensors must hold a list of (name, tensor) pairs")
+    return [(str(n), t) for n, t in obj]
