@@ -16,7 +16,14 @@ import torch
 
 from megatron_gopd.utils import GopdError
 
-__all__ = ["HFWeights", "copy_tokenizer_files", "tokenizer_vocab_size", "write_hf_checkpoint"]
+__all__ = [
+    "HFShardWriter",
+    "HFWeights",
+    "atomic_output_dir",
+    "copy_tokenizer_files",
+    "tokenizer_vocab_size",
+    "write_hf_checkpoint",
+]
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -138,17 +145,51 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def _shard_plan(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for k, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += n
-    return shards
+class HFShardWriter:
+    """Streams tensors into ``save_pretrained``-style safetensors shards of at most
+    ``max_shard_bytes`` (one shard in memory at a time), then writes the index and config."""
+
+    def __init__(self, out: str | Path, *, max_shard_bytes: int = 5 * 1024**3):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + n > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().cpu().contiguous()
+        self._pending_bytes += n
+        self.total_bytes += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        fname = f"shard-{len(self._files):05d}.safetensors"
+        save_file(self._pending, str(self.out / fname), metadata={"format": "pt"})
+        self._files.append((fname, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self, config: dict, *, tokenizer_dir: str | Path | None = None) -> None:
+        if self._pending or not self._files:
+            self._flush()
+        if len(self._files) == 1:
+            os.replace(self.out / self._files[0][0], self.out / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, (fname, names) in enumerate(self._files, 1):
+                final = f"model-{i:05d}-of-{len(self._files):05d}.safetensors"
+                os.replace(self.out / fname, self.out / final)
+                weight_map.update(dict.fromkeys(names, final))
+            (self.out / SAFE_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2))
+        (self.out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, self.out)
 
 
 def write_hf_checkpoint(
@@ -160,34 +201,10 @@ def write_hf_checkpoint(
     tokenizer_dir: str | Path | None = None,
 ) -> None:
     """``save_pretrained``-compatible directory: safetensors shards (+ index), config, tokenizer."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = _shard_plan(state, max_shard_bytes)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    if len(plan) == 1:
-        save_file(
-            {k: state[k].contiguous() for k in plan[0]},
-            str(out / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-    else:
-        weight_map = {}
-        for i, keys in enumerate(plan, 1):
-            fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-            save_file(
-                {k: state[k].contiguous() for k in keys},
-                str(out / fname),
-                metadata={"format": "pt"},
-            )
-            weight_map.update(dict.fromkeys(keys, fname))
-        (out / SAFE_INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if tokenizer_dir is not None:
-        copy_tokenizer_files(tokenizer_dir, out)
+    writer = HFShardWriter(out, max_shard_bytes=max_shard_bytes)
+    for k, t in state.items():
+        writer.add(k, t)
+    writer.close(config, tokenizer_dir=tokenizer_dir)
 
 
 def atomic_output_dir(out: str | Path):
