@@ -19,6 +19,14 @@ another autograd node saved the same tensor, autograd's version check raises ins
 a wrong gradient). bf16 logits are read chunk-wise into fp32; the gradient is returned in the
 logits' dtype.
 
+With ``overwrite_logits=True`` (fp32 logits whose only reader is this function, e.g. the training
+loss) the forward goes one step further, like megatron-core does: it turns the logits' storage into
+the softmax ``p`` in place (the only temporary is one chunk of ``exp`` for the entropy), and the
+backward computes ``g (1[i = y] - p_i)`` in that storage without recomputing the softmax. Peak
+memory is then the logits plus O(tokens) plus one chunk, and ``exp`` runs once instead of twice.
+An autograd node that saved the same logits before this call sees their version counter bumped and
+raises in its backward.
+
 Gradients, per token with upstream ``g`` (log-prob) and ``h`` (entropy)::
 
     d log p(y) / d z_i = 1[i = y] - p_i
@@ -50,13 +58,26 @@ def _chunks(n_rows: int, n_cols: int, chunk_elements: int):
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, logits, target, group, vocab_size, chunk_elements, with_entropy, inplace_backward
+        ctx,
+        logits,
+        target,
+        group,
+        vocab_size,
+        chunk_elements,
+        with_entropy,
+        inplace_backward,
+        overwrite_logits,
     ):
+        # Unused outputs (the entropy, when only the log-prob enters the loss) get None, not a
+        # materialised zero tensor: the backward then skips the entropy term entirely.
+        ctx.set_materialize_grads(False)
         rank, world = _group_rank_size(group)
         T, v_local = logits.shape
         start = rank * v_local
         valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
         dev = logits.device
+        # Overwriting needs fp32 storage (p is stored in it) and the in-place backward.
+        overwrite = overwrite_logits and inplace_backward and logits.dtype == torch.float32
 
         m_loc = torch.full((T,), float("-inf"), device=dev, dtype=torch.float32)
         sums = torch.zeros((3, T), device=dev, dtype=torch.float32)  # sum exp, sum e*(z-m), z_y
@@ -65,6 +86,24 @@ class _VocabParallelLogProb(torch.autograd.Function):
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
         if valid > 0:
             for a, b in _chunks(T, valid, chunk_elements):
+                if overwrite:
+                    # Megatron-style: the logits' storage becomes exp(z - m_local) (then p below);
+                    # the only temporary is e for the entropy, one chunk at a time.
+                    x = logits[a:b, :valid]
+                    m = x.amax(dim=-1)
+                    sums[2, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
+                    x.sub_(m.unsqueeze(-1))
+                    if with_entropy:
+                        e = x.exp()
+                        sums[1, a:b] = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
+                        x.copy_(e)
+                        del e
+                    else:
+                        x.exp_()
+                    sums[0, a:b] = x.sum(dim=-1)
+                    m_loc[a:b] = m
+                    del x
+                    continue
                 x = logits[a:b, :valid].float()
                 m = x.max(dim=-1).values
                 xs = x - m.unsqueeze(-1)
@@ -91,9 +130,19 @@ class _VocabParallelLogProb(torch.autograd.Function):
         logprob = red[2] - m - log_z
         entropy = log_z - red[1] / red[0] if with_entropy else None
 
+        if overwrite:
+            # exp(z - m_local) * exp(m_local - m) / sum  =  p ; padding columns hold p = 0
+            f = (scale / red[0]).unsqueeze(-1)
+            for a, b in _chunks(T, valid, chunk_elements):
+                logits[a:b, :valid].mul_(f[a:b])
+            if valid < v_local:
+                logits[:, valid:].zero_()
+            # The in-place ops above bumped the logits' version counter: an autograd node that
+            # saved these logits earlier raises in its backward instead of reading p.
+
         ctx.group, ctx.start, ctx.valid = group, start, valid
         ctx.chunk_elements, ctx.inplace = chunk_elements, inplace_backward
-        ctx.with_entropy = with_entropy
+        ctx.with_entropy, ctx.overwrite = with_entropy, overwrite
         ctx.save_for_backward(logits, target, m, log_z, entropy if with_entropy else m)
         ctx.mark_non_differentiable(target)
         if with_entropy:
@@ -105,14 +154,32 @@ class _VocabParallelLogProb(torch.autograd.Function):
         logits, target, m, log_z, entropy = ctx.saved_tensors
         valid, start = ctx.valid, ctx.start
         T, v_local = logits.shape
-        grad = logits if ctx.inplace else torch.empty_like(logits)
-        if valid < v_local:
-            grad[:, valid:].zero_()
         use_ent = ctx.with_entropy and g_entropy is not None
         local_t = target - start
         has_t = (local_t >= 0) & (local_t < valid)
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
         g_lp = g_logprob.float() if g_logprob is not None else torch.zeros_like(m)
+        rows_t = torch.nonzero(has_t).squeeze(1)
+        if ctx.overwrite:
+            # The storage holds p (0 on padding): the gradient is computed in place, no recompute.
+            p = logits
+            if use_ent:
+                # -g p - h p (log p + H)  =  -p (g + h H) - h xlogy(p, p)
+                hh = g_entropy.float()
+                coef = (g_lp + hh * entropy).neg_().unsqueeze(-1)
+                for a, b in _chunks(T, valid, ctx.chunk_elements):
+                    pc = p[a:b, :valid]
+                    t = torch.xlogy(pc, pc).mul_(hh[a:b].unsqueeze(-1))
+                    pc.mul_(coef[a:b]).sub_(t)
+                    del t, pc
+            else:
+                p.mul_(g_lp.neg().unsqueeze(-1))
+            if rows_t.numel():
+                p[rows_t, local_t[rows_t]] += g_lp[rows_t]
+            return p, None, None, None, None, None, None, None
+        grad = logits if ctx.inplace else torch.empty_like(logits)
+        if valid < v_local:
+            grad[:, valid:].zero_()
         for a, b in _chunks(T, valid, ctx.chunk_elements):
             logp = logits[a:b, :valid].float() - (m[a:b] + log_z[a:b]).unsqueeze(-1)
             p = logp.exp()
@@ -129,7 +196,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
                 g[rows, local_t[a:b][rows]] += g_lp[a:b][rows]
             grad[a:b, :valid] = g.to(grad.dtype)
             del logp, p, g
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -141,6 +208,7 @@ def vocab_parallel_logprobs(
     with_entropy: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     inplace_backward: bool = True,
+    overwrite_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log p(target)`` (and the entropy) from this rank's vocabulary slice of ``logits``.
 
@@ -152,6 +220,10 @@ def vocab_parallel_logprobs(
         with_entropy: also return the entropy of the (real-vocabulary) distribution.
         chunk_elements: fp32 elements per temporary; bounds the extra memory.
         inplace_backward: write the gradient into the logits' storage (see module doc).
+        overwrite_logits: fp32 logits only (ignored otherwise): the forward replaces the logits
+            with the softmax in place, as megatron-core's ``vocab_parallel_cross_entropy`` does,
+            and the backward turns that into the gradient without recomputing anything. The
+            logits are unusable after the call; use it when this function is their only reader.
 
     Returns:
         ``(logprob, entropy)`` shaped like ``target``, fp32; ``entropy`` is None unless asked for.
@@ -164,6 +236,6 @@ def vocab_parallel_logprobs(
     lg = logits.reshape(-1, logits.shape[-1])
     tg = target.reshape(-1).long()
     lp, ent = _VocabParallelLogProb.apply(
-        lg, tg, group, vocab_size, chunk_elements, with_entropy, inplace_backward
+        lg, tg, group, vocab_size, chunk_elements, with_entropy, inplace_backward, overwrite_logits
     )
     return lp.view(lead), (ent.view(lead) if with_entropy else None)
