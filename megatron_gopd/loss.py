@@ -89,6 +89,7 @@ def gopd_loss(
     if cfg.tis_cap is not None and mb.rollout_logprobs_BS is None:
         raise ValueError("tis_cap is set but the batch has no rollout log-probs")
 
+    chunk = cfg.chunk_elements_for(logits_BSV.device)
     extra: dict[str, torch.Tensor] = {}
     if cfg.estimator == "sampled":
         logp_BS, entropy_BS = vocab_parallel_logprobs(
@@ -97,7 +98,7 @@ def gopd_loss(
             tp_group,
             vocab_size=vocab_size,
             with_entropy=True,
-            chunk_elements=cfg.chunk_elements,
+            chunk_elements=chunk,
             overwrite_logits=True,  # the logits' only reader: Megatron CE's memory footprint
         )
     else:
@@ -112,7 +113,7 @@ def gopd_loss(
             ref_logits=ref_logits_BSV,
             vocab_size=vocab_size,
             top_k=cfg.top_k if cfg.estimator == "top_k" else None,
-            chunk_elements=cfg.chunk_elements,
+            chunk_elements=chunk,
         )
         logp_BS, entropy_BS = obj.student_logprobs, obj.entropy
         extra["kl_teacher_exact" if cfg.estimator == "full_vocab" else "kl_teacher_topk"] = (

@@ -56,7 +56,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from megatron_gopd.vocab_parallel import _chunks, _group_rank_size
+from megatron_gopd.vocab_parallel import _as_fp32, _ChunkBuffers, _chunks, _group_rank_size
 
 __all__ = ["GOPDObjective", "topk_threshold", "vocab_parallel_gopd_objective"]
 
@@ -86,7 +86,7 @@ def topk_threshold(
     group=None,
     *,
     vocab_size: int | None = None,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 20,
 ) -> torch.Tensor:
     """The k-th largest real-vocabulary logit per row over the TP group, ``[T, V_local] -> [T]``.
 
@@ -127,47 +127,44 @@ class _VocabParallelGOPD(torch.autograd.Function):
         local_t = target - start
         has_t = (local_t >= 0) & (local_t < valid)
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
-        if valid > 0:
-            for a, b in _chunks(T, valid, chunk_elements):
-                x = z[a:b, :valid].float()  # a view for fp32: never modified in place
-                tq = t[a:b, :valid].float()
-                mz, mq = x.amax(dim=-1), tq.amax(dim=-1)
-                mx[0, a:b], mx[1, a:b] = mz, mq
-                st[ZY, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
-                # not in K: the same comparison as in the backward, so both see the same cells
-                out = x < thr[a:b].unsqueeze(-1) if has_k else None
-                xs = x - mz.unsqueeze(-1)
-                del x
-                e = xs.exp()
-                qs = tq - mq.unsqueeze(-1)
-                del tq
-                st[SZ, a:b] = e.sum(dim=-1)
-                st[EZ, a:b] = _rowdot(e, xs)
-                eq = qs.exp()
-                st[SQ, a:b] = eq.sum(dim=-1)
+        # scratch: 0 z (fp32 copy), 1 t / u (fp32 copy), 2 z - m, 3 e_z, 4 t - m / u - m, 5 exp
+        bufs = _ChunkBuffers(T, valid, chunk_elements, dev)
+        for a, b in _chunks(T, valid, chunk_elements) if valid > 0 else ():
+            n = b - a
+            x = _as_fp32(z[a:b, :valid], bufs, 0)  # a view for fp32: never modified in place
+            tq = _as_fp32(t[a:b, :valid], bufs, 1)
+            mz, mq = x.amax(dim=-1), tq.amax(dim=-1)
+            mx[0, a:b], mx[1, a:b] = mz, mq
+            st[ZY, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
+            # not in K: the same comparison as in the backward, so both see the same cells
+            out = x < thr[a:b].unsqueeze(-1) if has_k else None
+            xs = torch.sub(x, mz.unsqueeze(-1), out=bufs.get(2, n))
+            e = torch.exp(xs, out=bufs.get(3, n))
+            qs = torch.sub(tq, mq.unsqueeze(-1), out=bufs.get(4, n))
+            st[SZ, a:b] = e.sum(dim=-1)
+            st[EZ, a:b] = _rowdot(e, xs)
+            eq = torch.exp(qs, out=bufs.get(5, n))
+            st[SQ, a:b] = eq.sum(dim=-1)
+            if has_k:
+                st[TZ, a:b] = _rowsum_where(out, e)
+                st[TQ, a:b] = _rowsum_where(out, eq)
+                e.masked_fill_(out, 0.0)  # from here on e is e restricted to K
+                st[KM, a:b] = e.sum(dim=-1)
+                st[KZ, a:b] = _rowdot(e, xs)
+            else:
+                st[KM, a:b], st[KZ, a:b] = st[SZ, a:b], st[EZ, a:b]
+            st[KQ, a:b] = _rowdot(e, qs)
+            if has_ref:
+                tr = _as_fp32(u[a:b, :valid], bufs, 1)
+                mr = tr.amax(dim=-1)
+                mx[2, a:b] = mr
+                rs = torch.sub(tr, mr.unsqueeze(-1), out=bufs.get(4, n))
+                er = torch.exp(rs, out=bufs.get(5, n))
+                st[SR, a:b] = er.sum(dim=-1)
                 if has_k:
-                    st[TZ, a:b] = _rowsum_where(out, e)
-                    st[TQ, a:b] = _rowsum_where(out, eq)
-                    e.masked_fill_(out, 0.0)  # from here on e is e restricted to K
-                    st[KM, a:b] = e.sum(dim=-1)
-                    st[KZ, a:b] = _rowdot(e, xs)
-                else:
-                    st[KM, a:b], st[KZ, a:b] = st[SZ, a:b], st[EZ, a:b]
-                del eq, xs
-                st[KQ, a:b] = _rowdot(e, qs)
-                del qs
-                if has_ref:
-                    tr = u[a:b, :valid].float()
-                    mr = tr.amax(dim=-1)
-                    mx[2, a:b] = mr
-                    rs = tr - mr.unsqueeze(-1)
-                    er = rs.exp()
-                    st[SR, a:b] = er.sum(dim=-1)
-                    if has_k:
-                        st[TR, a:b] = _rowsum_where(out, er)
-                    st[KR, a:b] = _rowdot(e, rs)
-                    del tr, rs, er
-                del e, out
+                    st[TR, a:b] = _rowsum_where(out, er)
+                st[KR, a:b] = _rowdot(e, rs)
+        del bufs
 
         # Combine: move every rank's sums from its own maxima to the global ones.
         M = mx.clone()
@@ -257,31 +254,33 @@ class _VocabParallelGOPD(torch.autograd.Function):
         g = g_obj.float()
         if valid < v_local:
             grad[:, valid:].zero_()
-        for a, b in _chunks(T, valid, ctx.chunk_elements):
-            x = z[a:b, :valid].float()
+        bufs = _ChunkBuffers(T, valid, ctx.chunk_elements, z.device)
+        for a, b in _chunks(T, valid, ctx.chunk_elements) if valid > 0 else ():
+            n = b - a
+            x = _as_fp32(z[a:b, :valid], bufs, 0)
             lamc = lam[a:b].unsqueeze(-1)
             # A(i) - J = log p_i - lam log q_i + (lam - 1) log r_i - J            (see (*))
-            adv = t[a:b, :valid].float() - lse_q[a:b].unsqueeze(-1)
-            adv.mul_(-lamc)
+            tq = _as_fp32(t[a:b, :valid], bufs, 1)
+            adv = torch.sub(tq, lse_q[a:b].unsqueeze(-1), out=bufs.get(2, n)).mul_(-lamc)
             if ctx.has_ref:
-                lr = u[a:b, :valid].float() - lse_r[a:b].unsqueeze(-1)
+                tr = _as_fp32(u[a:b, :valid], bufs, 1)
+                lr = torch.sub(tr, lse_r[a:b].unsqueeze(-1), out=bufs.get(3, n))
                 adv.add_(lr.mul_(lamc - 1.0))
-                del lr
-            logp = x - lse_z[a:b].unsqueeze(-1)
+            logp = torch.sub(x, lse_z[a:b].unsqueeze(-1), out=bufs.get(3, n))
             adv.add_(logp).sub_(obj[a:b].unsqueeze(-1))
             if ctx.has_k:
                 rest = (a_rest[a:b] - obj[a:b]).unsqueeze(-1).expand_as(adv)
-                adv = torch.where(x >= thr[a:b].unsqueeze(-1), adv, rest)
-            del x
+                keep = x >= thr[a:b].unsqueeze(-1)
+                adv = torch.where(keep, adv, rest, out=bufs.get(4, n))
             gc = logp.exp_().mul_(adv).mul_(g[a:b].unsqueeze(-1))
-            grad[a:b, :valid] = gc.to(grad.dtype)
-            del adv, logp, gc
+            grad[a:b, :valid] = gc
+        del bufs
         return grad, None, None, None, None, None, None, None, None, None
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_j a_ij b_ij`` per row without an elementwise temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """``sum_j a_ij b_ij`` per row (vecdot: ~5x faster than a batched bmm on CPU)."""
+    return torch.linalg.vecdot(a, b)
 
 
 def _rowsum_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +297,7 @@ def vocab_parallel_gopd_objective(
     ref_logits: torch.Tensor | None = None,
     vocab_size: int | None = None,
     top_k: int | None = None,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 20,
     inplace_backward: bool = True,
 ) -> GOPDObjective:
     """Per-position G-OPD objective ``J`` (full vocabulary, or the student's top-k + rest cell).
@@ -313,7 +312,7 @@ def vocab_parallel_gopd_objective(
             everywhere (the caller checks; here the reference terms are then dropped).
         vocab_size: number of real vocabulary entries; columns beyond it are padding.
         top_k: None for the full vocabulary, else the number of student tokens kept per position.
-        chunk_elements: elements per fp32 temporary (a handful are alive per chunk).
+        chunk_elements: elements per fp32 scratch buffer (up to six are allocated).
         inplace_backward: write the gradient into the student logits' storage.
 
     Returns:
