@@ -19,6 +19,16 @@ another autograd node saved the same tensor, autograd's version check raises ins
 a wrong gradient). bf16 logits are read chunk-wise into fp32; the gradient is returned in the
 logits' dtype.
 
+With ``overwrite_logits=True`` (fp32 logits whose only reader is this function, e.g. the training
+loss) the forward goes one step further, like megatron-core does: it turns the logits' storage into
+``e = exp(z - m_local)`` in place (the only temporary is one chunk buffer for ``z - m``, and only
+for the entropy), and the backward computes ``g (1[i = y] - p_i)`` with ``p = e * f`` (a per-token
+scale) in that storage, without recomputing the softmax. Peak memory is then the logits plus
+O(tokens) plus one chunk; ``exp`` runs once, and the storage is read/written in fewer passes than
+megatron-core's (whose forward also normalises ``p`` in a separate pass).
+An autograd node that saved the same logits before this call sees their version counter bumped and
+raises in its backward.
+
 Gradients, per token with upstream ``g`` (log-prob) and ``h`` (entropy)::
 
     d log p(y) / d z_i = 1[i = y] - p_i
@@ -47,34 +57,76 @@ def _chunks(n_rows: int, n_cols: int, chunk_elements: int):
         yield s, min(n_rows, s + step)
 
 
+class _ChunkBuffers:
+    """fp32 ``[rows_per_chunk, cols]`` scratch tensors, allocated once per call and reused by every
+    chunk: a fresh allocation per chunk costs page faults on the host (~1.5x slower measured)."""
+
+    def __init__(self, n_rows: int, n_cols: int, chunk_elements: int, device):
+        self.rows = min(n_rows, max(1, chunk_elements // max(1, n_cols)))
+        self.cols, self.device = n_cols, device
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def get(self, i: int, n: int) -> torch.Tensor:
+        if i not in self._bufs:
+            self._bufs[i] = torch.empty(
+                (self.rows, self.cols), device=self.device, dtype=torch.float32
+            )
+        return self._bufs[i][:n]
+
+
+def _as_fp32(x: torch.Tensor, bufs: _ChunkBuffers, i: int) -> torch.Tensor:
+    """``x`` itself when it is fp32 (a view: no copy), else its fp32 copy in buffer ``i``."""
+    return x if x.dtype == torch.float32 else bufs.get(i, x.shape[0]).copy_(x)
+
+
 class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, logits, target, group, vocab_size, chunk_elements, with_entropy, inplace_backward
+        ctx,
+        logits,
+        target,
+        group,
+        vocab_size,
+        chunk_elements,
+        with_entropy,
+        inplace_backward,
+        overwrite_logits,
     ):
+        # Unused outputs (the entropy, when only the log-prob enters the loss) get None, not a
+        # materialised zero tensor: the backward then skips the entropy term entirely.
+        ctx.set_materialize_grads(False)
         rank, world = _group_rank_size(group)
         T, v_local = logits.shape
         start = rank * v_local
         valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
         dev = logits.device
+        # Overwriting needs fp32 storage (e is stored in it) and the in-place backward.
+        overwrite = overwrite_logits and inplace_backward and logits.dtype == torch.float32
 
         m_loc = torch.full((T,), float("-inf"), device=dev, dtype=torch.float32)
         sums = torch.zeros((3, T), device=dev, dtype=torch.float32)  # sum exp, sum e*(z-m), z_y
         local_t = target - start
         has_t = (local_t >= 0) & (local_t < valid)
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
-        if valid > 0:
-            for a, b in _chunks(T, valid, chunk_elements):
-                x = logits[a:b, :valid].float()
-                m = x.max(dim=-1).values
-                xs = x - m.unsqueeze(-1)
-                e = xs.exp()
-                m_loc[a:b] = m
-                sums[0, a:b] = e.sum(dim=-1)
+        bufs = _ChunkBuffers(T, valid, chunk_elements, dev)
+        for a, b in _chunks(T, valid, chunk_elements) if valid > 0 else ():
+            n = b - a
+            x = logits[a:b, :valid]
+            xf = x if overwrite else _as_fp32(x, bufs, 0)
+            m = xf.amax(dim=-1)
+            m_loc[a:b] = m
+            sums[2, a:b] = xf.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
+            if overwrite and not with_entropy:
+                e = x.sub_(m.unsqueeze(-1)).exp_()  # Megatron-style, in the logits' storage
+            else:
+                xs = torch.sub(xf, m.unsqueeze(-1), out=bufs.get(1, n))
+                # overwrite: e lands in the logits' storage; else in a buffer (xf's, if a copy)
+                e_out = x if overwrite else bufs.get(0 if xf is not x else 2, n)
+                e = torch.exp(xs, out=e_out)
                 if with_entropy:
-                    sums[1, a:b] = torch.bmm(e.unsqueeze(1), xs.unsqueeze(2)).view(-1)
-                sums[2, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
-                del x, xs, e
+                    sums[1, a:b] = torch.linalg.vecdot(e, xs)
+            sums[0, a:b] = e.sum(dim=-1)
+        del bufs
         # combine: rescale each rank's sums from its own max to the global one
         m = m_loc.clone()
         if world > 1:
@@ -90,11 +142,19 @@ class _VocabParallelLogProb(torch.autograd.Function):
         log_z = red[0].log()  # logsumexp(z) - m
         logprob = red[2] - m - log_z
         entropy = log_z - red[1] / red[0] if with_entropy else None
+        # What the backward needs per token to rebuild p from what it reads:
+        #   overwrite: the storage holds e = exp(z - m_local), p = e * (exp(m_local - m) / sum)
+        #   else:      the logits are intact,             p = exp(z - (m + log Z))
+        p_coef = scale / red[0] if overwrite else m + log_z
+        if overwrite and valid < v_local:
+            logits[:, valid:].zero_()  # padding: p = 0, hence gradient 0
+        # The in-place ops bumped the logits' version counter: an autograd node that saved these
+        # logits earlier raises in its backward instead of reading e.
 
         ctx.group, ctx.start, ctx.valid = group, start, valid
         ctx.chunk_elements, ctx.inplace = chunk_elements, inplace_backward
-        ctx.with_entropy = with_entropy
-        ctx.save_for_backward(logits, target, m, log_z, entropy if with_entropy else m)
+        ctx.with_entropy, ctx.overwrite = with_entropy, overwrite
+        ctx.save_for_backward(logits, target, p_coef, entropy if with_entropy else p_coef)
         ctx.mark_non_differentiable(target)
         if with_entropy:
             return logprob, entropy
@@ -102,20 +162,44 @@ class _VocabParallelLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logprob, g_entropy):
-        logits, target, m, log_z, entropy = ctx.saved_tensors
+        logits, target, p_coef, entropy = ctx.saved_tensors
         valid, start = ctx.valid, ctx.start
         T, v_local = logits.shape
-        grad = logits if ctx.inplace else torch.empty_like(logits)
-        if valid < v_local:
-            grad[:, valid:].zero_()
         use_ent = ctx.with_entropy and g_entropy is not None
         local_t = target - start
         has_t = (local_t >= 0) & (local_t < valid)
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
-        g_lp = g_logprob.float() if g_logprob is not None else torch.zeros_like(m)
-        for a, b in _chunks(T, valid, ctx.chunk_elements):
-            logp = logits[a:b, :valid].float() - (m[a:b] + log_z[a:b]).unsqueeze(-1)
-            p = logp.exp()
+        g_lp = g_logprob.float() if g_logprob is not None else torch.zeros_like(p_coef)
+        rows_t = torch.nonzero(has_t).squeeze(1)
+        if ctx.overwrite:
+            # The storage holds e (0 on padding), p = e * p_coef: the gradient is computed in
+            # place, nothing is recomputed.
+            grad = logits
+            if use_ent:
+                # -g p - h p (log p + H)  =  -p (g + h H) - h xlogy(p, p)
+                hh = g_entropy.float()
+                coef = (g_lp + hh * entropy).neg_().unsqueeze(-1)
+                for a, b in _chunks(T, valid, ctx.chunk_elements):
+                    pc = grad[a:b, :valid].mul_(p_coef[a:b].unsqueeze(-1))
+                    t = torch.xlogy(pc, pc).mul_(hh[a:b].unsqueeze(-1))
+                    pc.mul_(coef[a:b]).sub_(t)
+                    del t, pc
+            else:
+                grad.mul_((g_lp * p_coef).neg_().unsqueeze(-1))
+            if rows_t.numel():
+                grad[rows_t, local_t[rows_t]] += g_lp[rows_t]
+            return grad, None, None, None, None, None, None, None
+
+        grad = logits if ctx.inplace else torch.empty_like(logits)
+        if valid < v_local:
+            grad[:, valid:].zero_()
+        bufs = _ChunkBuffers(T, valid, ctx.chunk_elements, logits.device)
+        for a, b in _chunks(T, valid, ctx.chunk_elements) if valid > 0 else ():
+            n = b - a
+            x = logits[a:b, :valid]
+            xf = _as_fp32(x, bufs, 0)
+            logp = torch.sub(xf, p_coef[a:b].unsqueeze(-1), out=bufs.get(1, n))
+            p = torch.exp(logp, out=bufs.get(0 if xf is not x else 2, n))
             gl = g_lp[a:b].unsqueeze(-1)
             if use_ent:
                 # -g p - h p (log p + H)  =  -p (g + h (log p + H))
@@ -127,9 +211,8 @@ class _VocabParallelLogProb(torch.autograd.Function):
             rows = torch.nonzero(has_t[a:b]).squeeze(1)
             if rows.numel():
                 g[rows, local_t[a:b][rows]] += g_lp[a:b][rows]
-            grad[a:b, :valid] = g.to(grad.dtype)
-            del logp, p, g
-        return grad, None, None, None, None, None, None
+            grad[a:b, :valid] = g
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -141,6 +224,7 @@ def vocab_parallel_logprobs(
     with_entropy: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     inplace_backward: bool = True,
+    overwrite_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log p(target)`` (and the entropy) from this rank's vocabulary slice of ``logits``.
 
@@ -152,6 +236,10 @@ def vocab_parallel_logprobs(
         with_entropy: also return the entropy of the (real-vocabulary) distribution.
         chunk_elements: fp32 elements per temporary; bounds the extra memory.
         inplace_backward: write the gradient into the logits' storage (see module doc).
+        overwrite_logits: fp32 logits only (ignored otherwise): the forward replaces the logits
+            with the softmax in place, as megatron-core's ``vocab_parallel_cross_entropy`` does,
+            and the backward turns that into the gradient without recomputing anything. The
+            logits are unusable after the call; use it when this function is their only reader.
 
     Returns:
         ``(logprob, entropy)`` shaped like ``target``, fp32; ``entropy`` is None unless asked for.
@@ -164,6 +252,6 @@ def vocab_parallel_logprobs(
     lg = logits.reshape(-1, logits.shape[-1])
     tg = target.reshape(-1).long()
     lp, ent = _VocabParallelLogProb.apply(
-        lg, tg, group, vocab_size, chunk_elements, with_entropy, inplace_backward
+        lg, tg, group, vocab_size, chunk_elements, with_entropy, inplace_backward, overwrite_logits
     )
     return lp.view(lead), (ent.view(lead) if with_entropy else None)

@@ -31,7 +31,7 @@ def _reference(logits, target, g_lp, g_ent):
     return lp.detach(), ent.detach(), grad
 
 
-def _sharded(with_entropy, chunk_elements, inplace, dtype):
+def _sharded(with_entropy, chunk_elements, inplace, dtype, overwrite=False):
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -45,6 +45,7 @@ def _sharded(with_entropy, chunk_elements, inplace, dtype):
         with_entropy=with_entropy,
         chunk_elements=chunk_elements,
         inplace_backward=inplace,
+        overwrite_logits=overwrite,
     )
     loss = (lp * g_lp).sum() + ((ent * g_ent).sum() if with_entropy else 0.0)
     loss.backward()
@@ -53,13 +54,14 @@ def _sharded(with_entropy, chunk_elements, inplace, dtype):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_matches_full_vocab_reference(tp, with_entropy):
+@pytest.mark.parametrize("overwrite", [False, True], ids=["recompute", "overwrite"])
+def test_matches_full_vocab_reference(tp, with_entropy, overwrite):
     logits, target, g_lp, g_ent = _data()
     ref_lp, ref_ent, ref_grad = _reference(
         logits, target, g_lp, g_ent if with_entropy else torch.zeros(T)
     )
     # chunk of 20 elements -> a handful of rows per chunk: exercises the chunk loop
-    outs = run_distributed(_sharded, tp, with_entropy, 20, True, torch.float32)
+    outs = run_distributed(_sharded, tp, with_entropy, 20, True, torch.float32, overwrite)
     grad = torch.cat([o[2] for o in outs], dim=-1)
     for lp, ent, _ in outs:
         torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-6, atol=1e-6)
@@ -112,3 +114,37 @@ def test_inplace_backward_never_corrupts_a_shared_tensor_silently():
     torch.testing.assert_close(
         x.grad.double(), ref_grad + 2 * logits.double(), rtol=1e-6, atol=1e-6
     )
+
+
+def test_entropy_only_used_for_metrics_gets_no_gradient_term():
+    """When only the log-prob enters the loss, the entropy output's gradient is None (not a zero
+    tensor) and the result equals the log-prob-only gradient, in both backward paths."""
+    logits, target, g_lp, _ = _data()
+    _, _, ref_grad = _reference(logits, target, g_lp, torch.zeros(T))
+    for overwrite in (False, True):
+        x = logits.clone().requires_grad_(True)
+        lp, ent = vocab_parallel_logprobs(
+            x * 1.0, target, None, vocab_size=V_REAL, with_entropy=True, overwrite_logits=overwrite
+        )
+        assert ent is not None
+        (lp * g_lp).sum().backward()
+        torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_overwrite_logits_bumps_version_so_earlier_readers_raise():
+    """overwrite_logits replaces the logits by p in place: a node that saved them earlier must
+    raise rather than compute with p."""
+    logits, target, _, _ = _data()
+    x = logits.clone().requires_grad_(True)
+    z = x * 1.0
+    before = (z * z).sum()
+    lp, _ = vocab_parallel_logprobs(z, target, None, vocab_size=V_REAL, overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + before).backward()
+
+
+def test_overwrite_ignored_for_bf16():
+    logits, target, _, _ = _data(torch.bfloat16)
+    z = logits.clone()
+    vocab_parallel_logprobs(z, target, None, vocab_size=V_REAL, overwrite_logits=True)
+    assert torch.equal(z, logits), "bf16 logits cannot hold p: they must be left as they are"

@@ -1,0 +1,157 @@
+"""The G-OPD loss as a megatron-core loss function: vocab-parallel logits in, ``(loss, n, report)`` out.
+
+The trainer calls :func:`gopd_loss` inside the ``loss_func`` that its forward step returns::
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)                                   # RolloutBatch on the device
+        logits_BSV = model(mb.tokens_BS, position_ids, None)       # [B, S, V_padded / TP]
+        return logits_BSV, partial(gopd_loss, mb=mb, cfg=cfg, tp_group=tp_group,
+                                   vocab_size=arch.vocab_size)
+
+Contract with megatron-core (``config.calculate_per_token_loss=True``): the schedule back-propagates
+the returned ``loss`` unscaled, sums ``num_tokens`` over micro-batches, and
+``finalize_model_grads`` all-reduces the gradients and that count over data-parallel ranks and
+divides the former by the latter. So ``loss`` is a *sum* and ``num_tokens`` its weight::
+
+    token_mean:  loss = sum_{b,t} m_bt l_bt                    num_tokens = sum_{b,t} m_bt
+    seq_mean:    loss = sum_b (sum_t m_bt l_bt) / n_b          num_tokens = #{b : n_b > 0}
+
+and the gradient is that of the global mean, however the global batch is split over micro-batches
+and ranks. The per-token term ``l_bt`` depends on the estimator (:class:`GOPDLossConfig`):
+
+    sampled     l = w_t sg[A_t] log pi_theta(y_t)         (w_t: truncated IS weight, or 1)
+    full_vocab  l = J_t = sum_y pi_theta(y) A_t(y)       (exact expectation over y_t)
+    top_k       l = J_t on the student's top-k tokens + one rest cell
+
+``report`` maps metric names (see :mod:`megatron_gopd.gopd.metrics`) and ``"{domain}/{name}"`` to
+fp32 ``[weighted_sum, weight]``; ``"loss"`` is ``[loss, num_tokens]``. Sum reports over
+micro-batches and DP ranks, then :func:`~megatron_gopd.gopd.metrics.finalize_report`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_gopd.gopd import (
+    GOPDLossConfig,
+    gopd_advantages,
+    label_mask,
+    row_contributions,
+    shift_labels,
+    token_metrics,
+    truncated_is_weights,
+)
+from megatron_gopd.gopd.metrics import build_report
+from megatron_gopd.types import RolloutBatch
+from megatron_gopd.vocab_parallel import vocab_parallel_logprobs
+from megatron_gopd.vocab_parallel_gopd import vocab_parallel_gopd_objective
+
+__all__ = ["gopd_loss"]
+
+Report = dict[str, torch.Tensor]
+
+
+def gopd_loss(
+    logits_BSV: torch.Tensor,
+    mb: RolloutBatch,
+    cfg: GOPDLossConfig,
+    *,
+    tp_group=None,
+    vocab_size: int | None = None,
+    teacher_logits_BSV: torch.Tensor | None = None,
+    ref_logits_BSV: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, Report]:
+    """The student's G-OPD loss for one micro-batch, in megatron-core's per-token-loss contract.
+
+    Args:
+        logits_BSV: ``[B, S, V_padded / TP]`` the student's vocab-parallel logits (GPTModel with
+            ``parallel_output=True``); position ``j`` predicts ``mb.tokens_BS[:, j + 1]``. With
+            the sampled estimator and fp32 logits they are overwritten (softmax, then gradient)
+            like megatron-core's cross-entropy does: do not read them after this call.
+        mb: the micro-batch (``RolloutBatch`` on the logits' device).
+        cfg: the loss configuration.
+        tp_group: the tensor-parallel group the vocabulary is split over (None: TP = 1).
+        vocab_size: real vocabulary size; logits columns beyond it (padding) are ignored.
+        teacher_logits_BSV: the teacher's logits, same partition (``full_vocab`` / ``top_k``).
+        ref_logits_BSV: the reference's logits (``full_vocab`` / ``top_k`` with lambda != 1).
+
+    Returns:
+        ``(loss, num_tokens, report)``: fp32 scalar sum, int32 scalar count (tokens, or sequences
+        for ``seq_mean``), and ``{name: fp32 [sum, weight]}``.
+    """
+    labels_BS = shift_labels(mb.tokens_BS)
+    mask_BS = label_mask(mb.response_mask_BS)
+    lam_B = mb.lam_B.float()
+    if logits_BSV.shape[:2] != labels_BS.shape:
+        raise ValueError(
+            f"logits {tuple(logits_BSV.shape)} do not match tokens {tuple(labels_BS.shape)}"
+        )
+    if cfg.tis_cap is not None and mb.rollout_logprobs_BS is None:
+        raise ValueError("tis_cap is set but the batch has no rollout log-probs")
+
+    chunk = cfg.chunk_elements_for(logits_BSV.device)
+    extra: dict[str, torch.Tensor] = {}
+    if cfg.estimator == "sampled":
+        logp_BS, entropy_BS = vocab_parallel_logprobs(
+            logits_BSV,
+            labels_BS,
+            tp_group,
+            vocab_size=vocab_size,
+            with_entropy=True,
+            chunk_elements=chunk,
+            overwrite_logits=True,  # the logits' only reader: Megatron CE's memory footprint
+        )
+    else:
+        if teacher_logits_BSV is None:
+            raise ValueError(f"estimator {cfg.estimator!r} needs the teacher's logits")
+        obj = vocab_parallel_gopd_objective(
+            logits_BSV,
+            teacher_logits_BSV,
+            labels_BS,
+            lam_B.unsqueeze(-1),
+            tp_group,
+            ref_logits=ref_logits_BSV,
+            vocab_size=vocab_size,
+            top_k=cfg.top_k if cfg.estimator == "top_k" else None,
+            chunk_elements=chunk,
+        )
+        logp_BS, entropy_BS = obj.student_logprobs, obj.entropy
+        extra["kl_teacher_exact" if cfg.estimator == "full_vocab" else "kl_teacher_topk"] = (
+            obj.kl_teacher
+        )
+
+    # The sampled-token advantage: the loss weight for "sampled", a metric for the others.
+    adv_BS = gopd_advantages(
+        logp_BS, mb.teacher_logprobs_BS, mb.ref_logprobs_BS, lam_B, mask=mask_BS
+    )
+    isw = None
+    if mb.rollout_logprobs_BS is not None:
+        isw = truncated_is_weights(logp_BS, mb.rollout_logprobs_BS, cfg.tis_cap, mask=mask_BS)
+
+    if cfg.estimator == "sampled":
+        coef_BS = adv_BS if cfg.tis_cap is None else adv_BS * isw.weight
+        per_token_BS = coef_BS * logp_BS
+    else:
+        per_token_BS = obj.objective
+    contrib_B, weight_B = row_contributions(per_token_BS, mask_BS, cfg.aggregation)
+    loss = contrib_B.sum()
+    num_tokens = weight_B.sum().round().to(torch.int)
+
+    n_B = mask_BS.sum(dim=-1)
+    values = token_metrics(
+        logp_BS,
+        mb.teacher_logprobs_BS,
+        adv_BS,
+        ref_logprobs=mb.ref_logprobs_BS,
+        entropy=entropy_BS,
+        is_weights=isw,
+    )
+    values.update(extra)
+    report = build_report(
+        values,
+        mask_BS,
+        mb.domain_ids_B,
+        mb.domains,
+        row_values={"loss": (contrib_B, weight_B), "response_length": (n_B, (n_B > 0).float())},
+    )
+    return loss, num_tokens, report

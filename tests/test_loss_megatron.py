@@ -1,0 +1,235 @@
+"""gopd_loss inside megatron-core's training step: the gradient of the global mean, whatever the split.
+
+A tiny GPTModel (``build_gpt``) wrapped in megatron-core's ``DistributedDataParallel``, the
+forward-backward schedule from ``get_forward_backward_func`` and ``finalize_model_grads`` wired as
+Megatron-LM's ``train_step`` does (``config.finalize_model_grads_func``; ``config.no_sync_func =
+model.no_sync`` when gradient reduction overlaps the backward). The same global batch of 4 rows
+(with different response lengths, so micro-batches hold different token counts) is split over
+(data-parallel ranks, micro-batches) in several ways; the final ``main_grad`` of every parameter
+must equal the gradient of the global loss computed by plain autograd on an unwrapped copy of the
+model with the loss written from the formulas (float64), and the reported loss its value.
+
+Tolerance: fp32 model arithmetic (reduction order changes with the micro-batch shape) against a
+float64 loss: observed differences are 2e-7 to 5e-7 of the largest gradient entry; we allow 2e-6.
+A negative control shows the check bites: a loss that returns per-micro-batch means (a common
+mistake) fails it.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_gopd.arch import ModelArch
+from megatron_gopd.gopd import GOPDLossConfig
+from megatron_gopd.parallel import ParallelConfig
+from megatron_gopd.testing import run_distributed
+from megatron_gopd.types import RolloutBatch
+
+B, SEQ, V_REAL, SEED = 4, 12, 50, 1234
+ARCH = ModelArch(
+    family="llama",
+    hf_architecture="LlamaForCausalLM",
+    vocab_size=V_REAL,
+    padded_vocab_size=64,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_query_groups=2,
+    head_dim=8,
+    norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+    qkv_bias=False,
+    qk_norm=False,
+)
+CASES = {
+    "sampled_token_mean": GOPDLossConfig(),
+    "sampled_seq_mean_tis": GOPDLossConfig(aggregation="seq_mean", tis_cap=1.5),
+    "full_vocab": GOPDLossConfig(estimator="full_vocab"),
+}
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, V_REAL, (B, SEQ), generator=g)
+    mask = torch.zeros(B, SEQ)
+    for b, (a, e) in enumerate([(2, 11), (5, 8), (1, 11), (9, 10)]):
+        mask[b, a:e] = 1.0
+    mb = RolloutBatch(
+        tokens_BS=tokens,
+        response_mask_BS=mask,
+        teacher_logprobs_BS=-torch.rand(B, SEQ, generator=g) * 5,
+        ref_logprobs_BS=-torch.rand(B, SEQ, generator=g) * 5,
+        rollout_logprobs_BS=-torch.rand(B, SEQ, generator=g) * 5,
+        lam_B=torch.tensor([1.0, 1.25, 1.25, 0.5]),
+        domain_ids_B=torch.tensor([0, 1, 1, 0]),
+        domains=["math", "code"],
+        seq_lens_B=torch.full((B,), SEQ),
+    )
+    teacher = torch.randn(B, SEQ, ARCH.padded_vocab_size, generator=g) * 2
+    ref = torch.randn(B, SEQ, ARCH.padded_vocab_size, generator=g) * 2
+    return mb, teacher, ref
+
+
+def reference_loss(logits, cfg, mb, teacher, ref):
+    """The global loss from the formulas, float64, on [B, S, V_padded] logits of the whole batch."""
+    x = logits[..., :V_REAL].double()
+    labels = torch.roll(mb.tokens_BS, -1, 1)
+    m = mb.response_mask_BS.double().clone()
+    m[:, -1] = 0
+    lam = mb.lam_B.double()[:, None]
+    lp = F.log_softmax(x, -1)
+    s = lp.gather(-1, labels[..., None])[..., 0]
+    q, r = mb.teacher_logprobs_BS.double(), mb.ref_logprobs_BS.double()
+    if cfg.estimator == "sampled":
+        A = ((s - q) + (lam - 1) * (r - q)).detach()
+        w = 1.0
+        if cfg.tis_cap:
+            w = torch.exp(s.detach() - mb.rollout_logprobs_BS.double()).clamp(max=cfg.tis_cap)
+        per_tok = w * A * s
+    else:
+        lq = F.log_softmax(teacher[..., :V_REAL].double(), -1)
+        lr = F.log_softmax(ref[..., :V_REAL].double(), -1)
+        L = lam[..., None]
+        per_tok = (lp.exp() * (lp - L * lq + (L - 1) * lr)).sum(-1)
+    n = m.sum(-1)
+    if cfg.aggregation == "token_mean":
+        return (per_tok * m).sum() / n.sum()
+    return ((per_tok * m).sum(-1) / n).sum() / (n > 0).sum()
+
+
+def _split(x, a, b):
+    return None if x is None else x[a:b]
+
+
+def _train(nmb, overlap, with_reference, per_microbatch_mean=False):
+    from functools import partial
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.models import build_gpt
+
+    model = build_gpt(ARCH, seed=SEED, spec="local")
+    config = model.config
+    assert config.calculate_per_token_loss
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, bucket_size=None
+        ),
+        module=model,
+    )
+    # As Megatron-LM's training setup does for a single model chunk without an optimizer:
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync if overlap else None
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gmb, teacher, ref = global_batch()
+    rows = B // dp
+    mbs = rows // nmb
+    pos = torch.arange(SEQ).unsqueeze(0).expand(mbs, SEQ)
+    out = {}
+    for name, cfg in CASES.items():
+        micro = []
+        for i in range(nmb):
+            a = dp_rank * rows + i * mbs
+            micro.append((gmb.slice(a, a + mbs), teacher[a : a + mbs], ref[a : a + mbs]))
+
+        def forward_step(data_iterator, model, cfg=cfg):
+            mb, t_logits, r_logits = next(data_iterator)
+            logits = model(mb.tokens_BS, pos, None)
+            loss_func = partial(
+                gopd_loss,
+                mb=mb,
+                cfg=cfg,
+                tp_group=None,
+                vocab_size=V_REAL,
+                teacher_logits_BSV=t_logits,
+                ref_logits_BSV=r_logits,
+            )
+            if per_microbatch_mean:  # the mistake: each micro-batch's own mean, weight 1
+
+                def loss_func(o, inner=loss_func):
+                    loss, n, rep = inner(o)
+                    return loss / n, torch.tensor(1, dtype=torch.int), rep
+
+            return logits, loss_func
+
+        ddp.zero_grad_buffer()
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[ddp],
+            num_microbatches=nmb,
+            seq_length=SEQ,
+            micro_batch_size=mbs,
+            forward_only=False,
+        )
+        total = torch.stack([r["loss"] for r in reports]).sum(0)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        grads = {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
+        out[name] = dict(loss=total[0] / total[1], grads=grads)
+
+    if with_reference:
+        plain = build_gpt(ARCH, seed=SEED, spec="local")
+        for (n, p), (_, q) in zip(plain.named_parameters(), ddp.module.named_parameters()):
+            assert torch.equal(p, q), f"reference copy differs at {n}"
+        full_pos = torch.arange(SEQ).unsqueeze(0).expand(B, SEQ)
+        for name, cfg in CASES.items():
+            plain.zero_grad()
+            loss = reference_loss(plain(gmb.tokens_BS, full_pos, None), cfg, gmb, teacher, ref)
+            loss.backward()
+            out[name]["ref_loss"] = loss.detach()
+            out[name]["ref_grads"] = {n: p.grad.clone() for n, p in plain.named_parameters()}
+    return out
+
+
+_REFERENCE = {}
+
+
+def reference():
+    if not _REFERENCE:
+        _REFERENCE.update(run_distributed(_train, 1, 1, False, True, parallel=ParallelConfig())[0])
+    return _REFERENCE
+
+
+def _max_rel_diff(grads, ref_grads):
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    return max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads) / scale
+
+
+# (world size = DP, micro-batches, overlapped grad reduction): 4 ways to split the same 4 rows
+LAYOUTS = [(1, 1, False), (1, 4, False), (2, 2, True), (4, 1, False)]
+
+
+@pytest.mark.parametrize(("dp", "nmb", "overlap"), LAYOUTS)
+def test_main_grads_independent_of_split(dp, nmb, overlap):
+    ref = reference()
+    outs = run_distributed(_train, dp, nmb, overlap, False, parallel=ParallelConfig())
+    for name in CASES:
+        want = ref[name]
+        for rank_out in outs:  # every DP rank holds the same reduced gradient
+            got = rank_out[name]
+            torch.testing.assert_close(got["loss"].double(), want["ref_loss"], rtol=2e-6, atol=1e-6)
+            rel = _max_rel_diff(got["grads"], want["ref_grads"])
+            assert rel < 2e-6, f"{name}: main_grad differs from the global-mean gradient by {rel}"
+
+
+def test_negative_control_per_microbatch_mean_is_caught():
+    """Returning each micro-batch's own mean (weight 1) weights tokens unequally: must fail."""
+    ref = reference()
+    outs = run_distributed(_train, 1, 4, False, False, True, parallel=ParallelConfig())
+    rel = _max_rel_diff(
+        outs[0]["sampled_token_mean"]["grads"], ref["sampled_token_mean"]["ref_grads"]
+    )
+    assert rel > 1e-2
