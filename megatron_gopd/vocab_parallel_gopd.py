@@ -38,7 +38,11 @@ full one (data processing). Why the *student's* top-k: every term of ``J`` is we
 so the student's most likely tokens carry the objective (the teacher's top-k would drop exactly the
 tokens the student over-weights, whose cost is largest). No renormalisation: all probabilities are
 the full-vocabulary softmaxes (each log-sum-exp is local sums + an all-reduce), and the rest-cell
-closes the distribution. Ties at the k-th largest logit are all kept (``|K|`` may exceed k).
+closes the distribution. Ties at the k-th largest logit are all kept (``|K|`` may exceed k). Cost:
+the same reads as the full vocabulary (every log-sum-exp needs the whole slice) plus one all-gather
+of ``[T, k]`` values to find the k-th largest logit. Top-k is a different objective, not a cheaper
+one: it matches the tail's total mass instead of every tail token, as top-k distillation objectives
+do; with the teacher's logits at hand, ``full_vocab`` is the exact expectation.
 
 Vocab parallelism. Each rank holds the same slice of the three (padded) vocabularies. Per position
 it reduces its slice to a dozen scalars (local maxima; sums of ``exp``; ``sum e_z (z - m)``,
