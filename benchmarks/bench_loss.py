@@ -21,8 +21,10 @@ Method.
 * Peak memory: every candidate runs once in a fresh process group (forked ranks), after a tiny
   warm-up call. On CPU: peak resident set size above the resident size just before the call
   (``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``), with glibc's
-  mmap threshold pinned to 128 KiB (the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_``)
-  so that every freed tensor leaves the resident set at once. On CUDA: ``max_memory_allocated``
+  mmap threshold pinned to 128 KiB in that process (``mallopt``) so that every tensor of 128 KiB
+  or more is its own mapping and leaves the resident set when freed. (Not in the timing processes:
+  there it would add page faults to every temporary, which a normal process does not pay.)
+  On CUDA: ``max_memory_allocated``
   above ``memory_allocated`` before the call. Reported peak = the candidate's inputs (logits;
   for gopd_full also teacher + reference) + that extra, i.e. what the loss step needs in total;
   the extra alone is printed too. TP > 1: the largest rank.
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import re
 import sys
 import time
@@ -54,7 +55,7 @@ CPU_SHAPES = "2048x32768x1,1024x151936x1,2048x65536x2,1024x151936x4"
 GPU_SHAPES = "8192x151936x1,16384x151936x1,8192x262144x1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEQ = 256  # tokens are laid out as [tokens / SEQ, SEQ]
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 # ------------------------------------------------------------------------- inputs and candidates
@@ -161,6 +162,10 @@ def measure_memory(name: str, tokens: int, vocab: int, dtype: str) -> dict:
     from megatron_gopd import platform
 
     dev = platform.device()
+    if not torch.cuda.is_available():
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     small = _inputs(2 * SEQ // 8, vocab, DTYPES[dtype], name == "gopd_full", dev)
     _run(name, small)  # warm-up: lazy initialisation does not count
     del small
@@ -295,22 +300,17 @@ def main(argv=None) -> dict:
     result = dict(
         device=torch.cuda.get_device_name() if cuda else "cpu (1 thread per rank)",
         memory_method="cuda max_memory_allocated" if cuda else "peak RSS (VmHWM) per fresh rank",
-        mmap_threshold=os.environ.get(MMAP_ENV),
         results=[],
     )
     for t, v, tp in shapes:
         for dt in args.dtypes.split(","):
             result["results"].append(bench_shape(t, v, tp, dt, args.repeats, names))
-            if not args.json:
-                print(f"done {t}x{v} TP{tp} {dt}", file=sys.stderr, flush=True)
+            print(f"done {t}x{v} TP{tp} {dt}", file=sys.stderr, flush=True)
     print(json.dumps(result) if args.json else _table(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available() and os.environ.get(MMAP_ENV) is None:
-        # glibc reads it at start-up only: re-execute so that freed tensors leave the RSS
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP_ENV: "131072"})
     import megatron.core  # noqa: F401  (paid once here; the forked ranks inherit it)
 
     main()

@@ -11,9 +11,11 @@ group combine them (one MAX, one SUM over a stacked ``[3, T]`` tensor). Columns 
 ``vocab_size`` (Megatron's padding rows) are excluded, so the result equals a softmax over the real
 vocabulary only (what Hugging Face computes).
 
-Memory. The work is chunked over tokens: at most ``chunk_elements`` fp32 values per temporary. The
-forward saves only the input logits (no fp32 copy). The backward recomputes the softmax chunk by
-chunk and, by default, writes the gradient into the saved logits' storage, as megatron-core's
+Memory. The work is chunked over tokens through up to three fp32 scratch buffers of
+``chunk_elements`` values, allocated once per call and reused by every chunk (cache-friendly on the
+host, no per-chunk allocation). The forward saves only the input logits (no fp32 copy). The
+backward recomputes the softmax chunk by chunk and, by default, writes the gradient into the saved
+logits' storage, as megatron-core's
 ``vocab_parallel_cross_entropy`` does for fp32 logits (the logits are dead after this backward; if
 another autograd node saved the same tensor, autograd's version check raises instead of computing
 a wrong gradient). bf16 logits are read chunk-wise into fp32; the gradient is returned in the
@@ -73,6 +75,14 @@ class _ChunkBuffers:
             )
         return self._bufs[i][:n]
 
+    def mask(self, n: int) -> torch.Tensor:
+        """A bool scratch tensor of the same shape."""
+        if -1 not in self._bufs:
+            self._bufs[-1] = torch.empty(
+                (self.rows, self.cols), device=self.device, dtype=torch.bool
+            )
+        return self._bufs[-1][:n]
+
 
 def _as_fp32(x: torch.Tensor, bufs: _ChunkBuffers, i: int) -> torch.Tensor:
     """``x`` itself when it is fp32 (a view: no copy), else its fp32 copy in buffer ``i``."""
@@ -124,7 +134,8 @@ class _VocabParallelLogProb(torch.autograd.Function):
                 e_out = x if overwrite else bufs.get(0 if xf is not x else 2, n)
                 e = torch.exp(xs, out=e_out)
                 if with_entropy:
-                    sums[1, a:b] = torch.linalg.vecdot(e, xs)
+                    # sum e (z - m), in xs's buffer: no temporary (vecdot would allocate one)
+                    sums[1, a:b] = xs.mul_(e).sum(dim=-1)
             sums[0, a:b] = e.sum(dim=-1)
         del bufs
         # combine: rescale each rank's sums from its own max to the global one
