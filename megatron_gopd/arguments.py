@@ -24,31 +24,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gopd-train",
         description="Generalized On-Policy Distillation (G-OPD / ExOPD) with Megatron-Core. "
-                    "Run under torchrun.",
+        "Run under torchrun.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="YAML file of flag defaults (flags override it)")
 
     g = p.add_argument_group("models")
-    g.add_argument("--student-load", help="student checkpoint (tools/convert_hf_to_megatron.py output)")
-    g.add_argument("--teacher-load", action="append", metavar="[DOMAIN=]PATH",
-                   help="teacher checkpoint; repeat as DOMAIN=PATH for multi-teacher runs")
-    g.add_argument("--ref-load", action="append", metavar="[DOMAIN=]PATH",
-                   help="reference pi_ref (default: the student's initial checkpoint); the teacher's "
-                        "pre-RL base gives reward correction; DOMAIN=PATH per domain")
-    g.add_argument("--offload-frozen", action="store_true",
-                   help="keep teacher/reference weights in host memory between scoring passes")
-    g.add_argument("--bf16", action="store_true", help="bf16 models (fp32 main params in the optimizer)")
-    g.add_argument("--transformer-impl", choices=["auto", "local", "te"], default="auto",
-                   help="layer implementation: Transformer Engine when available (auto), or local")
+    g.add_argument(
+        "--student-load", help="student checkpoint (tools/convert_hf_to_megatron.py output)"
+    )
+    g.add_argument(
+        "--teacher-load",
+        action="append",
+        metavar="[DOMAIN=]PATH",
+        help="teacher checkpoint; repeat as DOMAIN=PATH for multi-teacher runs",
+    )
+    g.add_argument(
+        "--ref-load",
+        action="append",
+        metavar="[DOMAIN=]PATH",
+        help="reference pi_ref (default: the student's initial checkpoint); the teacher's "
+        "pre-RL base gives reward correction; DOMAIN=PATH per domain",
+    )
+    g.add_argument(
+        "--offload-frozen",
+        action="store_true",
+        help="keep teacher/reference weights in host memory between scoring passes",
+    )
+    g.add_argument(
+        "--bf16", action="store_true", help="bf16 models (fp32 main params in the optimizer)"
+    )
+    g.add_argument(
+        "--transformer-impl",
+        choices=["auto", "local", "te"],
+        default="auto",
+        help="layer implementation: Transformer Engine when available (auto), or local",
+    )
 
     g = p.add_argument_group("parallelism and batches (Megatron-LM names)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward pass")
-    g.add_argument("--global-batch-size", type=int,
-                   help="samples per optimizer step (default: the whole rollout batch, i.e. one "
-                        "on-policy update per rollout as in the paper)")
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        help="samples per optimizer step (default: the whole rollout batch, i.e. one "
+        "on-policy update per rollout as in the paper)",
+    )
     g.add_argument("--use-distributed-optimizer", action="store_true")
 
     g = p.add_argument_group("optimization (Megatron-LM names)")
@@ -66,18 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("G-OPD")
-    g.add_argument("--gopd-lambda", action="append", metavar="[DOMAIN=]LAMBDA",
-                   help="reward scale lambda: 1 = OPD, >1 = ExOPD (1.25 in the paper); "
-                        "DOMAIN=VALUE per domain (default 1.0)")
-    g.add_argument("--gopd-estimator", choices=["sampled", "full_vocab", "top_k"], default="sampled")
+    g.add_argument(
+        "--gopd-lambda",
+        action="append",
+        metavar="[DOMAIN=]LAMBDA",
+        help="reward scale lambda: 1 = OPD, >1 = ExOPD (1.25 in the paper); "
+        "DOMAIN=VALUE per domain (default 1.0)",
+    )
+    g.add_argument(
+        "--gopd-estimator", choices=["sampled", "full_vocab", "top_k"], default="sampled"
+    )
     g.add_argument("--gopd-top-k", type=int, default=64)
     g.add_argument("--gopd-aggregation", choices=["token_mean", "seq_mean"], default="token_mean")
-    g.add_argument("--gopd-tis-cap", type=float,
-                   help="truncated importance-sampling cap between rollout and trainer log-probs "
-                        "(official code: 5.0; default off)")
+    g.add_argument(
+        "--gopd-tis-cap",
+        type=float,
+        help="truncated importance-sampling cap between rollout and trainer log-probs "
+        "(official code: 5.0; default off)",
+    )
 
     g = p.add_argument_group("data")
-    g.add_argument("--prompt-data", help="jsonl: 'prompt' or 'messages', optional 'domain', extra fields kept")
+    g.add_argument(
+        "--prompt-data", help="jsonl: 'prompt' or 'messages', optional 'domain', extra fields kept"
+    )
     g.add_argument("--eval-prompt-data", help="jsonl of fixed evaluation prompts (same format)")
     g.add_argument("--apply-chat-template", action="store_true")
     g.add_argument("--max-prompt-len", type=int, default=1024)
@@ -90,29 +123,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-top-p", type=float, default=1.0)
     g.add_argument("--rollout-top-k", type=int, default=-1)
     g.add_argument("--max-response-len", type=int, default=1024)
-    g.add_argument("--rollout-engine", choices=["sglang", "cpu", "external"], default="sglang",
-                   help="sglang: start SGLang servers; cpu: start our protocol-compatible CPU "
-                        "server; external: attach to --rollout-urls")
+    g.add_argument(
+        "--rollout-engine",
+        choices=["sglang", "cpu", "external"],
+        default="sglang",
+        help="sglang: start SGLang servers; cpu: start our protocol-compatible CPU "
+        "server; external: attach to --rollout-urls",
+    )
     g.add_argument("--rollout-urls", nargs="+", help="existing servers (or an sglang-router URL)")
     g.add_argument("--rollout-num-servers", type=int, default=1)
     g.add_argument("--rollout-max-in-flight", type=int, default=256)
     g.add_argument("--rollout-timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--sglang-tp-size", type=int, default=1)
     g.add_argument("--sglang-mem-fraction-static", type=float, default=0.6)
-    g.add_argument("--sglang-enable-memory-saver", action="store_true",
-                   help="colocated runs: release SGLang's memory while training")
+    g.add_argument(
+        "--sglang-enable-memory-saver",
+        action="store_true",
+        help="colocated runs: release SGLang's memory while training",
+    )
     g.add_argument("--sglang-base-gpu-id", type=int, default=0)
-    g.add_argument("--weight-sync", choices=["tensor", "distributed", "disk"], default="distributed",
-                   help="how student weights reach the rollout servers after each update")
+    g.add_argument(
+        "--weight-sync",
+        choices=["tensor", "distributed", "disk"],
+        default="distributed",
+        help="how student weights reach the rollout servers after each update",
+    )
     g.add_argument("--weight-sync-bucket-mb", type=int, default=512)
-    g.add_argument("--weight-sync-check", action="store_true",
-                   help="after each push, compare the servers' weights with the trainer's")
+    g.add_argument(
+        "--weight-sync-check",
+        action="store_true",
+        help="after each push, compare the servers' weights with the trainer's",
+    )
 
     g = p.add_argument_group("checkpointing, evaluation, logging (Megatron-LM names)")
     g.add_argument("--save", help="directory for checkpoints and run outputs")
     g.add_argument("--load", help="resume from this save directory (its latest iteration)")
-    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: end only)")
-    g.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations (0: never)")
+    g.add_argument(
+        "--save-interval", type=int, default=0, help="steps between checkpoints (0: end only)"
+    )
+    g.add_argument(
+        "--eval-interval", type=int, default=0, help="steps between evaluations (0: never)"
+    )
     g.add_argument("--eval-n-samples", type=int, default=1)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")

@@ -119,14 +119,19 @@ def save_training_checkpoint(
     _barrier()
     model_sd = model.sharded_state_dict()
     dist_checkpointing.save(model_sd, str(tmp / MODEL_SUBDIR))
-    dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict()), str(tmp / OPTIM_SUBDIR))
+    dist_checkpointing.save(
+        optimizer.sharded_state_dict(model.sharded_state_dict()), str(tmp / OPTIM_SUBDIR)
+    )
     torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
         (tmp / META_FILE).write_text(meta.to_json())
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_SUBDIR, dirs_exist_ok=True)
-        state = dict(trainer_state, step=step,
-                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        state = dict(
+            trainer_state,
+            step=step,
+            world_size=dist.get_world_size() if dist.is_initialized() else 1,
+        )
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
     _barrier()
     if _rank() == 0:
@@ -160,13 +165,17 @@ def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str,
     try:
         loaded = dist_checkpointing.load(opt_sd, str(ckpt / OPTIM_SUBDIR))
     except Exception as e:
-        raise GopdError(f"cannot load the optimizer state from {ckpt}: {str(e).splitlines()[0]}") from e
+        raise GopdError(
+            f"cannot load the optimizer state from {ckpt}: {str(e).splitlines()[0]}"
+        ) from e
     optimizer.load_state_dict(loaded)
     rng_file = ckpt / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_file.is_file() and state.get("world_size") == world:
         _set_rng_state(torch.load(rng_file, weights_only=False))
     elif _rank() == 0:
-        log.warning("RNG states not restored (saved with %s ranks, now %s)", state.get("world_size"), world)
+        log.warning(
+            "RNG states not restored (saved with %s ranks, now %s)", state.get("world_size"), world
+        )
     _barrier()
     return state

@@ -42,15 +42,22 @@ def _parse_line(path: Path, lineno: int, line: str) -> dict:
         raise GopdError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
     has_prompt, has_msgs = "prompt" in rec, "messages" in rec
     if has_prompt == has_msgs:
-        raise GopdError(f"{path}:{lineno}: needs exactly one of 'prompt' (text) or 'messages' (chat)")
+        raise GopdError(
+            f"{path}:{lineno}: needs exactly one of 'prompt' (text) or 'messages' (chat)"
+        )
     if has_prompt and (not isinstance(rec["prompt"], str) or not rec["prompt"].strip()):
         raise GopdError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
     if has_msgs:
         msgs = rec["messages"]
-        if (not isinstance(msgs, list) or not msgs
-                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
-            raise GopdError(f"{path}:{lineno}: 'messages' must be a non-empty list of "
-                            f"{{'role', 'content'}} objects")
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+        ):
+            raise GopdError(
+                f"{path}:{lineno}: 'messages' must be a non-empty list of "
+                f"{{'role', 'content'}} objects"
+            )
     if "domain" in rec and (not isinstance(rec["domain"], str) or not rec["domain"]):
         raise GopdError(f"{path}:{lineno}: 'domain' must be a non-empty string")
     return rec
@@ -89,11 +96,14 @@ def load_prompts(
                 f"{path}:{lineno}: domain {domain!r} has no teacher (teachers: "
                 f"{', '.join(sorted(known_domains))}); add --teacher-load {domain}=PATH"
             )
-        ids = tokenize_prompt(rec, tokenizer, apply_chat_template=apply_chat_template,
-                              where=f"{path}:{lineno}")
+        ids = tokenize_prompt(
+            rec, tokenizer, apply_chat_template=apply_chat_template, where=f"{path}:{lineno}"
+        )
         if max_prompt_len is not None and len(ids) > max_prompt_len:
-            raise GopdError(f"{path}:{lineno}: prompt has {len(ids)} tokens, more than "
-                            f"--max-prompt-len {max_prompt_len}")
+            raise GopdError(
+                f"{path}:{lineno}: prompt has {len(ids)} tokens, more than "
+                f"--max-prompt-len {max_prompt_len}"
+            )
         meta = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "domain")}
         out.append(Prompt(index=len(out), prompt_ids=ids, domain=domain, metadata=meta))
     if not out:
@@ -101,10 +111,14 @@ def load_prompts(
     return out
 
 
-def tokenize_prompt(rec: dict, tokenizer, *, apply_chat_template: bool, where: str = "") -> list[int]:
+def tokenize_prompt(
+    rec: dict, tokenizer, *, apply_chat_template: bool, where: str = ""
+) -> list[int]:
     if apply_chat_template:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise GopdError(f"{where}: --apply-chat-template given but the tokenizer has no chat template")
+            raise GopdError(
+                f"{where}: --apply-chat-template given but the tokenizer has no chat template"
+            )
         msgs = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}]
         ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
@@ -152,10 +166,17 @@ class PromptIterator:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": len(self.dataset)}
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "seed": self.seed,
+            "size": len(self.dataset),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("size") != len(self.dataset):
-            raise GopdError(f"the prompt data changed since the checkpoint ({state.get('size')} prompts "
-                            f"then, {len(self.dataset)} now): cannot resume its order")
+            raise GopdError(
+                f"the prompt data changed since the checkpoint ({state.get('size')} prompts "
+                f"then, {len(self.dataset)} now): cannot resume its order"
+            )
         self.epoch, self.offset, self.seed = state["epoch"], state["offset"], state["seed"]

@@ -49,11 +49,20 @@ class RolloutSide:
         self.version = None
         r = cfg.rollout
         self.workdir = (cfg.run_dir or Path(".")) / "rollout"
-        stop = tuple(t for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)} if t is not None)
+        stop = tuple(
+            t
+            for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)}
+            if t is not None
+        )
         from megatron_gopd.rollout import SamplingConfig
 
-        self.sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                       max_new_tokens=r.max_response_len, stop_token_ids=stop[:1])
+        self.sampling = SamplingConfig(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_response_len,
+            stop_token_ids=stop[:1],
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -64,7 +73,9 @@ class RolloutSide:
             from megatron_gopd.rollout import RolloutServers, ServerLaunchConfig
 
             try:
-                self.servers = RolloutServers(ServerLaunchConfig(backend="attach", urls=self.cfg.rollout.urls)).start()
+                self.servers = RolloutServers(
+                    ServerLaunchConfig(backend="attach", urls=self.cfg.rollout.urls)
+                ).start()
             except GopdError as e:
                 error = str(e)
         _agree(error)
@@ -80,13 +91,20 @@ class RolloutSide:
         error = None
         if _rank0():
             try:
-                self.servers = RolloutServers(ServerLaunchConfig(
-                    backend="sglang" if r.engine == "sglang" else "cpu",
-                    model_path=str(hf_dir), num_servers=r.num_servers, tp_size=r.sglang_tp_size,
-                    base_gpu_id=r.sglang_base_gpu_id, mem_fraction_static=r.sglang_mem_fraction_static,
-                    enable_memory_saver=r.sglang_enable_memory_saver, random_seed=self.cfg.seed,
-                    deterministic=True, log_dir=str(self.workdir / "logs"),
-                )).start()
+                self.servers = RolloutServers(
+                    ServerLaunchConfig(
+                        backend="sglang" if r.engine == "sglang" else "cpu",
+                        model_path=str(hf_dir),
+                        num_servers=r.num_servers,
+                        tp_size=r.sglang_tp_size,
+                        base_gpu_id=r.sglang_base_gpu_id,
+                        mem_fraction_static=r.sglang_mem_fraction_static,
+                        enable_memory_saver=r.sglang_enable_memory_saver,
+                        random_seed=self.cfg.seed,
+                        deterministic=True,
+                        log_dir=str(self.workdir / "logs"),
+                    )
+                ).start()
             except GopdError as e:
                 error = str(e)
         _agree(error)
@@ -99,16 +117,24 @@ class RolloutSide:
         if _rank0():
             self.client = RolloutClient(
                 lambda: self.servers.urls,
-                ClientConfig(max_in_flight_per_server=r.max_in_flight, request_timeout_s=r.timeout_s,
-                             progress=self.cfg.log.progress),
+                ClientConfig(
+                    max_in_flight_per_server=r.max_in_flight,
+                    request_timeout_s=r.timeout_s,
+                    progress=self.cfg.log.progress,
+                ),
                 replace_server=self.servers.replace if r.engine != "external" else None,
                 generate_url=self.servers.generate_url,
             )
         urls = (lambda: self.servers.urls) if _rank0() else (lambda: [])
         self.syncer = WeightSyncer(
-            SyncConfig(transport=r.weight_sync, bucket_bytes=r.weight_sync_bucket_mb * 1024**2,
-                       disk_dir=str(self.workdir / "weights"), check=r.weight_sync_check),
-            urls, tp_size_of=(self.servers.tp_size if _rank0() else None),
+            SyncConfig(
+                transport=r.weight_sync,
+                bucket_bytes=r.weight_sync_bucket_mb * 1024**2,
+                disk_dir=str(self.workdir / "weights"),
+                check=r.weight_sync_check,
+            ),
+            urls,
+            tp_size_of=(self.servers.tp_size if _rank0() else None),
         )
 
     def push_weights(self, role) -> None:
@@ -122,7 +148,9 @@ class RolloutSide:
 
     # ------------------------------------------------------------------ sampling
 
-    def sample(self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None) -> list[Sample]:
+    def sample(
+        self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None
+    ) -> list[Sample]:
         """Rank 0 only: ``n`` responses per prompt with reproducible per-sample seeds."""
         import dataclasses
 

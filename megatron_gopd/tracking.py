@@ -82,8 +82,14 @@ class MetricsLogger:
     """Rank-0 sink for per-step metrics. ``metrics.jsonl`` is always written when a run directory
     exists (the plot script reads it); TensorBoard and W&B when configured."""
 
-    def __init__(self, run_dir: Path | None, cfg, *, run_config: dict[str, Any] | None = None,
-                 resume_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path | None,
+        cfg,
+        *,
+        run_config: dict[str, Any] | None = None,
+        resume_step: int = 0,
+    ):
         self.enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.cfg = cfg
         self._jsonl = None
@@ -102,7 +108,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(tb_dir, purge_step=resume_step + 1 if resume_step else None)
+                self._tb = SummaryWriter(
+                    tb_dir, purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:
                 log.warning("tensorboard is not installed: no TensorBoard logs")
         if cfg.wandb_project and cfg.wandb_mode != "disabled":
@@ -111,9 +119,12 @@ class MetricsLogger:
             except ImportError:
                 raise RuntimeError("--wandb-project needs `pip install wandb`") from None
             self._wandb = wandb.init(
-                project=cfg.wandb_project, name=cfg.wandb_exp_name, mode=cfg.wandb_mode,
+                project=cfg.wandb_project,
+                name=cfg.wandb_exp_name,
+                mode=cfg.wandb_mode,
                 dir=cfg.wandb_save_dir or (str(run_dir) if run_dir else None),
-                config=run_config or {}, resume="allow",
+                config=run_config or {},
+                resume="allow",
             )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

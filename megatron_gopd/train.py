@@ -54,7 +54,9 @@ def train(cfg: TrainConfig, rollout_factory=None) -> dict[str, float]:
                 metrics.update(trainer.evaluate(step))
             if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.train_iters:
                 trainer.save(step)
-            metrics = trainer.log_step(step, metrics, time.perf_counter() - t0, trainer.rollout_metrics(samples))
+            metrics = trainer.log_step(
+                step, metrics, time.perf_counter() - t0, trainer.rollout_metrics(samples)
+            )
     finally:
         trainer.close()
     return metrics

@@ -66,8 +66,10 @@ def load_tokenizer(cfg: TrainConfig):
     if path is None:
         path = str(resolve_checkpoint(cfg.models.student_load) / "tokenizer")
         if not Path(path).is_dir():
-            raise GopdError(f"the student checkpoint {cfg.models.student_load} has no tokenizer/: "
-                            f"give --tokenizer")
+            raise GopdError(
+                f"the student checkpoint {cfg.models.student_load} has no tokenizer/: "
+                f"give --tokenizer"
+            )
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -82,26 +84,42 @@ def validate_inputs(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Pro
     for key, path in cfg.models.teacher_loads.items():
         arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
         check_vocab_compatible(student, arch, f"teacher ({key})" if key != "default" else "teacher")
-    teacher_domains = None if "default" in cfg.models.teacher_loads else set(cfg.models.teacher_loads)
-    prompts = load_prompts(cfg.data.prompt_data, tokenizer, apply_chat_template=cfg.data.apply_chat_template,
-                           known_domains=teacher_domains, max_prompt_len=cfg.data.max_prompt_len)
+    teacher_domains = (
+        None if "default" in cfg.models.teacher_loads else set(cfg.models.teacher_loads)
+    )
+    prompts = load_prompts(
+        cfg.data.prompt_data,
+        tokenizer,
+        apply_chat_template=cfg.data.apply_chat_template,
+        known_domains=teacher_domains,
+        max_prompt_len=cfg.data.max_prompt_len,
+    )
     eval_prompts = None
     if cfg.data.eval_prompt_data:
-        eval_prompts = load_prompts(cfg.data.eval_prompt_data, tokenizer,
-                                    apply_chat_template=cfg.data.apply_chat_template,
-                                    known_domains=teacher_domains, max_prompt_len=cfg.data.max_prompt_len)
+        eval_prompts = load_prompts(
+            cfg.data.eval_prompt_data,
+            tokenizer,
+            apply_chat_template=cfg.data.apply_chat_template,
+            known_domains=teacher_domains,
+            max_prompt_len=cfg.data.max_prompt_len,
+        )
     domains = {p.domain for p in prompts} | {p.domain for p in eval_prompts or []}
     for d in sorted(domains):
         if cfg.gopd.lam(d) != 1.0:
             path = cfg.models.ref_loads.get(cfg.models.ref_key(d))
             if path is None:
-                raise GopdError(f"domain {d!r} has lambda {cfg.gopd.lam(d)} != 1 and needs a reference: "
-                                f"give --ref-load (default: the student's initial checkpoint)")
-            check_vocab_compatible(student, read_checkpoint_meta(resolve_checkpoint(path)).arch,
-                                   f"reference ({d})")
+                raise GopdError(
+                    f"domain {d!r} has lambda {cfg.gopd.lam(d)} != 1 and needs a reference: "
+                    f"give --ref-load (default: the student's initial checkpoint)"
+                )
+            check_vocab_compatible(
+                student, read_checkpoint_meta(resolve_checkpoint(path)).arch, f"reference ({d})"
+            )
     if cfg.gopd.estimator != "sampled" and cfg.parallel.pp > 1:
-        raise GopdError(f"--gopd-estimator {cfg.gopd.estimator} needs the frozen roles' logits at the "
-                        f"student's last stage: use --pipeline-model-parallel-size 1")
+        raise GopdError(
+            f"--gopd-estimator {cfg.gopd.estimator} needs the frozen roles' logits at the "
+            f"student's last stage: use --pipeline-model-parallel-size 1"
+        )
     return prompts, eval_prompts
 
 
@@ -126,33 +144,50 @@ class GOPDTrainer:
             key = str(resolve_checkpoint(path).resolve())
             if frozen and key in roles:  # one model for a checkpoint used by several roles
                 return roles[key]
-            r = build_role(name, path, frozen=frozen, params_dtype=dtype, offload=cfg.models.offload_frozen,
-                           spec=cfg.models.transformer_impl, seed=cfg.seed)
+            r = build_role(
+                name,
+                path,
+                frozen=frozen,
+                params_dtype=dtype,
+                offload=cfg.models.offload_frozen,
+                spec=cfg.models.transformer_impl,
+                seed=cfg.seed,
+            )
             if frozen:
                 roles[key] = r
             return r
 
         self.student = role("student", cfg.models.student_load, frozen=False)
-        self.teachers = {k: role(f"teacher:{k}", p, True) for k, p in cfg.models.teacher_loads.items()}
+        self.teachers = {
+            k: role(f"teacher:{k}", p, True) for k, p in cfg.models.teacher_loads.items()
+        }
         self.refs: dict[str, RoleModel] = {}
         if self.needs_ref:
             keys = {cfg.models.ref_key(d) for d in self.domains if cfg.gopd.lam(d) != 1.0}
-            self.refs = {k: role(f"reference:{k}", cfg.models.ref_loads[k], True) for k in sorted(keys)}
-        self.meta: CheckpointMeta = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load))
+            self.refs = {
+                k: role(f"reference:{k}", cfg.models.ref_loads[k], True) for k in sorted(keys)
+            }
+        self.meta: CheckpointMeta = read_checkpoint_meta(
+            resolve_checkpoint(cfg.models.student_load)
+        )
         self.tokenizer_dir = resolve_checkpoint(cfg.models.student_load) / "tokenizer"
-        self.opt = build_optimizer(self.student.model, cfg.optim, train_iters=cfg.train_iters,
-                                   bf16=cfg.models.bf16)
+        self.opt = build_optimizer(
+            self.student.model, cfg.optim, train_iters=cfg.train_iters, bf16=cfg.models.bf16
+        )
         self.data = PromptIterator(PromptDataset(prompts), seed=cfg.seed)
         self.eval_prompts = eval_prompts
         self.start_step = 0
         if cfg.load:
-            state = checkpointing.load_training_checkpoint(cfg.load, model=self.student.model,
-                                                           optimizer=self.opt.optimizer)
+            state = checkpointing.load_training_checkpoint(
+                cfg.load, model=self.student.model, optimizer=self.opt.optimizer
+            )
             self.opt.scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             self.start_step = int(state["step"])
             log.info("resumed from %s at step %d", cfg.load, self.start_step)
-        self.logger = MetricsLogger(cfg.run_dir, cfg.log, run_config=_flat(cfg), resume_step=self.start_step)
+        self.logger = MetricsLogger(
+            cfg.run_dir, cfg.log, run_config=_flat(cfg), resume_step=self.start_step
+        )
         # the servers start from the student's weights as they are now (initial or resumed)
         with self.timer("sync"):
             self.rollout.push_weights(self.student)
@@ -170,7 +205,9 @@ class GOPDTrainer:
 
     # ------------------------------------------------------------------ stages
 
-    def generate(self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None) -> list[Sample]:
+    def generate(
+        self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None
+    ) -> list[Sample]:
         """Student responses to ``prompts`` (rank 0 asks the servers; every rank gets them)."""
         samples = None
         if dist.get_rank() == 0:
@@ -179,16 +216,24 @@ class GOPDTrainer:
 
     def rollout_step(self, step: int) -> list[Sample]:
         prompts = self.data.next(self.cfg.rollout.rollout_batch_size)
-        samples = self.generate(prompts, n=self.cfg.rollout.n_samples_per_prompt, seed=self.cfg.seed * 100003 + step)
+        samples = self.generate(
+            prompts, n=self.cfg.rollout.n_samples_per_prompt, seed=self.cfg.seed * 100003 + step
+        )
         return self._my_share(samples)
 
     def _response_logprobs(self, role: RoleModel, samples: list[Sample]) -> list[torch.Tensor]:
         """``role``'s log-probs of each sample's response tokens (samples with a response)."""
-        lps = score_sequences(role, [s.tokens for s in samples], micro_batch_size=self.cfg.micro_batch_size)
-        return [lp[len(s.prompt_ids) - 1 : len(s.prompt_ids) - 1 + s.response_len]
-                for s, lp in zip(samples, lps, strict=True)]
+        lps = score_sequences(
+            role, [s.tokens for s in samples], micro_batch_size=self.cfg.micro_batch_size
+        )
+        return [
+            lp[len(s.prompt_ids) - 1 : len(s.prompt_ids) - 1 + s.response_len]
+            for s, lp in zip(samples, lps, strict=True)
+        ]
 
-    def _score_by(self, samples: list[Sample], key_of, roles: dict[str, RoleModel], field: str) -> None:
+    def _score_by(
+        self, samples: list[Sample], key_of, roles: dict[str, RoleModel], field: str
+    ) -> None:
         groups: dict[str, list[Sample]] = defaultdict(list)
         for s in samples:
             k = key_of(s)
@@ -200,15 +245,24 @@ class GOPDTrainer:
                 setattr(s, field, lp)
 
     def score_teachers(self, samples: list[Sample]) -> None:
-        self._score_by(samples, lambda s: self.cfg.models.teacher_key(s.domain), self.teachers, "teacher_logprobs_T")
+        self._score_by(
+            samples,
+            lambda s: self.cfg.models.teacher_key(s.domain),
+            self.teachers,
+            "teacher_logprobs_T",
+        )
 
     def score_reference(self, samples: list[Sample]) -> None:
         """Only samples of domains with lambda != 1: for the others the reference term is zero."""
         if not self.needs_ref:
             return
         cfg = self.cfg
-        self._score_by(samples, lambda s: cfg.models.ref_key(s.domain) if cfg.gopd.lam(s.domain) != 1.0 else None,
-                       self.refs, "ref_logprobs_T")
+        self._score_by(
+            samples,
+            lambda s: cfg.models.ref_key(s.domain) if cfg.gopd.lam(s.domain) != 1.0 else None,
+            self.refs,
+            "ref_logprobs_T",
+        )
         for s in samples:
             if s.ref_logprobs_T is None:  # lambda == 1 for its domain: (lambda - 1) * anything = 0
                 s.ref_logprobs_T = torch.zeros(s.response_len)
@@ -222,10 +276,21 @@ class GOPDTrainer:
         frozen = self._frozen_logits if cfg.gopd.estimator != "sampled" else None
         for u in range(cfg.updates_per_step):
             part = samples[u * per_update : (u + 1) * per_update]
-            batch = collate(part, domains=self.domains, lam_of=cfg.gopd.lam, with_ref=self.needs_ref,
-                            pad_rows_to=cfg.micro_batch_size)
-            r, stats = train_step(self.opt, batch, micro_batch_size=cfg.micro_batch_size, loss_cfg=loss_cfg,
-                                  vocab_size=self.student.arch.vocab_size, frozen_logits=frozen)
+            batch = collate(
+                part,
+                domains=self.domains,
+                lam_of=cfg.gopd.lam,
+                with_ref=self.needs_ref,
+                pad_rows_to=cfg.micro_batch_size,
+            )
+            r, stats = train_step(
+                self.opt,
+                batch,
+                micro_batch_size=cfg.micro_batch_size,
+                loss_cfg=loss_cfg,
+                vocab_size=self.student.arch.vocab_size,
+                frozen_logits=frozen,
+            )
             reports.extend(r)
         metrics = self._reduce_to_rank0(reports)
         metrics.update(stats)
@@ -240,7 +305,9 @@ class GOPDTrainer:
         from megatron_gopd.gopd import GOPDLossConfig
 
         g = self.cfg.gopd
-        return GOPDLossConfig(estimator=g.estimator, top_k=g.top_k, aggregation=g.aggregation, tis_cap=g.tis_cap)
+        return GOPDLossConfig(
+            estimator=g.estimator, top_k=g.top_k, aggregation=g.aggregation, tis_cap=g.tis_cap
+        )
 
     @torch.no_grad()
     def _frozen_logits(self, mb):
@@ -253,7 +320,9 @@ class GOPDTrainer:
         def by_row(roles, key_of):
             out = None
             for k in sorted({key_of(d) for d in domains} - {None}):
-                rows = torch.tensor([i for i, d in enumerate(domains) if key_of(d) == k], device=pos.device)
+                rows = torch.tensor(
+                    [i for i, d in enumerate(domains) if key_of(d) == k], device=pos.device
+                )
                 with roles[k].in_use():
                     logits = roles[k].model(mb.tokens_BS[rows], pos[rows], None)
                 if out is None:
@@ -277,8 +346,11 @@ class GOPDTrainer:
             metrics = reduce_reports(reports, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             box = [metrics]
-            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                       group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast_object_list(
+                box,
+                src=ps.get_pipeline_model_parallel_last_rank(),
+                group=ps.get_pipeline_model_parallel_group(),
+            )
             metrics = box[0]
         return dict(metrics or {})
 
@@ -287,15 +359,25 @@ class GOPDTrainer:
     def rollout_metrics(self, samples: list[Sample]) -> dict[str, float]:
         """Statistics of this step's samples (all DP shards) for the console and the logs."""
         lens = torch.tensor([float(s.response_len) for s in samples]) if samples else torch.zeros(1)
-        counts = torch.tensor([float(len(samples)), float(sum(s.finish_reason == "length" for s in samples)),
-                               lens.sum().item(), float(sum(len(s.tokens) for s in samples))])
+        counts = torch.tensor(
+            [
+                float(len(samples)),
+                float(sum(s.finish_reason == "length" for s in samples)),
+                lens.sum().item(),
+                float(sum(len(s.tokens) for s in samples)),
+            ]
+        )
         ps = _ps()
         if self.dp[1] > 1:
             dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=False))
         n = max(counts[0].item(), 1.0)
-        return {"rollout/samples": counts[0].item(), "rollout/truncated_frac": counts[1].item() / n,
-                "rollout/response_len": counts[2].item() / n, "rollout/response_tokens": counts[2].item(),
-                "rollout/total_tokens": counts[3].item()}
+        return {
+            "rollout/samples": counts[0].item(),
+            "rollout/truncated_frac": counts[1].item() / n,
+            "rollout/response_len": counts[2].item() / n,
+            "rollout/response_tokens": counts[2].item(),
+            "rollout/total_tokens": counts[3].item(),
+        }
 
     def save(self, step: int) -> None:
         if not self.cfg.save:
@@ -303,9 +385,15 @@ class GOPDTrainer:
         with self.timer("save"):
             state = {"scheduler": self.opt.scheduler.state_dict(), "data": self.data.state_dict()}
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra, trained_steps=step))
-            checkpointing.save_training_checkpoint(self.cfg.save, step, model=self.student.model,
-                                                   optimizer=self.opt.optimizer, meta=meta, trainer_state=state,
-                                                   tokenizer_dir=self.tokenizer_dir)
+            checkpointing.save_training_checkpoint(
+                self.cfg.save,
+                step,
+                model=self.student.model,
+                optimizer=self.opt.optimizer,
+                meta=meta,
+                trainer_state=state,
+                tokenizer_dir=self.tokenizer_dir,
+            )
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -314,7 +402,9 @@ class GOPDTrainer:
         if not self.eval_prompts:
             return {}
         with self.timer("eval"):
-            samples = self.generate(self.eval_prompts, n=self.cfg.eval_n_samples, seed=self.cfg.seed + 7)
+            samples = self.generate(
+                self.eval_prompts, n=self.cfg.eval_n_samples, seed=self.cfg.seed + 7
+            )
             mine = self._my_share(samples)
             answered = [s for s in mine if s.response_len > 0]
             student_lps = self._response_logprobs(self.student, answered) if answered else []
@@ -336,13 +426,19 @@ class GOPDTrainer:
         out["eval/response_len"] = acc[1].item() / max(len(samples), 1)
         return out
 
-    def log_step(self, step: int, metrics: dict[str, float], t_step: float, samples_metrics: dict[str, float]):
+    def log_step(
+        self, step: int, metrics: dict[str, float], t_step: float, samples_metrics: dict[str, float]
+    ):
         metrics = dict(metrics, **samples_metrics, **self.timer.pop())
         metrics["time/step"] = t_step
-        metrics["perf/tokens_per_s"] = samples_metrics.get("rollout/total_tokens", 0.0) / max(t_step, 1e-9)
+        metrics["perf/tokens_per_s"] = samples_metrics.get("rollout/total_tokens", 0.0) / max(
+            t_step, 1e-9
+        )
         metrics["counters/reference_sequences"] = float(self.counters["ref_logprobs_T_sequences"])
         self.logger.log(step, metrics)
-        if dist.get_rank() == 0 and (step % self.cfg.log.log_interval == 0 or step == self.cfg.train_iters):
+        if dist.get_rank() == 0 and (
+            step % self.cfg.log.log_interval == 0 or step == self.cfg.train_iters
+        ):
             log.info(format_step_line(step, self.cfg.train_iters, metrics))
         return metrics
 

@@ -67,8 +67,14 @@ def collate(
         if rollout is not None:
             rollout[i, a:b] = torch.as_tensor(s.rollout_logprobs_T, dtype=torch.float32)
     return RolloutBatch(
-        tokens_BS=tokens, response_mask_BS=mask, teacher_logprobs_BS=teacher, ref_logprobs_BS=ref,
-        rollout_logprobs_BS=rollout, lam_B=lam, domain_ids_B=dom, domains=list(domains),
+        tokens_BS=tokens,
+        response_mask_BS=mask,
+        teacher_logprobs_BS=teacher,
+        ref_logprobs_BS=ref,
+        rollout_logprobs_BS=rollout,
+        lam_B=lam,
+        domain_ids_B=dom,
+        domains=list(domains),
         seq_lens_B=lens,
     )
 
@@ -135,8 +141,15 @@ def build_optimizer(model, optim_cfg, *, train_iters: int, bf16: bool) -> Optimi
     return Optimizer(ddp=ddp, optimizer=optimizer, scheduler=scheduler)
 
 
-def train_step(opt: Optimizer, batch: RolloutBatch, *, micro_batch_size: int, loss_cfg, vocab_size: int,
-               frozen_logits=None) -> tuple[list[dict], dict[str, float]]:
+def train_step(
+    opt: Optimizer,
+    batch: RolloutBatch,
+    *,
+    micro_batch_size: int,
+    loss_cfg,
+    vocab_size: int,
+    frozen_logits=None,
+) -> tuple[list[dict], dict[str, float]]:
     """One optimizer step on ``batch`` (this data-parallel rank's share).
 
     ``frozen_logits(tokens_BS) -> (teacher_logits, ref_logits)`` supplies the frozen roles'
@@ -153,9 +166,17 @@ def train_step(opt: Optimizer, batch: RolloutBatch, *, micro_batch_size: int, lo
     device = platform.device()
     rows, S = batch.tokens_BS.shape
     if rows % micro_batch_size:
-        raise ValueError(f"batch of {rows} rows is not a multiple of micro batch {micro_batch_size}")
-    micro = [batch.slice(a, a + micro_batch_size).to(device) for a in range(0, rows, micro_batch_size)]
-    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        raise ValueError(
+            f"batch of {rows} rows is not a multiple of micro batch {micro_batch_size}"
+        )
+    micro = [
+        batch.slice(a, a + micro_batch_size).to(device) for a in range(0, rows, micro_batch_size)
+    ]
+    tp_group = (
+        ps.get_tensor_model_parallel_group()
+        if ps.get_tensor_model_parallel_world_size() > 1
+        else None
+    )
     position_ids = torch.arange(S, device=device).unsqueeze(0).expand(micro_batch_size, S)
 
     def forward_step(data_iterator, model):
@@ -164,8 +185,9 @@ def train_step(opt: Optimizer, batch: RolloutBatch, *, micro_batch_size: int, lo
         extra = {}
         if frozen_logits is not None and ps.is_pipeline_last_stage():
             extra["teacher_logits_BSV"], extra["ref_logits_BSV"] = frozen_logits(mb)
-        return logits, partial(gopd_loss, mb=mb, cfg=loss_cfg, tp_group=tp_group,
-                               vocab_size=vocab_size, **extra)
+        return logits, partial(
+            gopd_loss, mb=mb, cfg=loss_cfg, tp_group=tp_group, vocab_size=vocab_size, **extra
+        )
 
     opt.ddp.zero_grad_buffer()
     opt.optimizer.zero_grad()

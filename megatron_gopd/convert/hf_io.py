@@ -185,8 +185,12 @@ class HFShardWriter:
                 final = f"model-{i:05d}-of-{len(self._files):05d}.safetensors"
                 os.replace(self.out / fname, self.out / final)
                 weight_map.update(dict.fromkeys(names, final))
-            (self.out / SAFE_INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2))
+            (self.out / SAFE_INDEX).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+                    indent=2,
+                )
+            )
         (self.out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, self.out)

@@ -35,7 +35,9 @@ def _run(cmd: list[str], log_path: Path, env: dict) -> float:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise GopdError(f"{' '.join(cmd[:6])} ... failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
+        raise GopdError(
+            f"{' '.join(cmd[:6])} ... failed (exit {proc.returncode}); end of {log_path}:\n{tail}"
+        )
     return time.perf_counter() - t0
 
 
@@ -55,21 +57,54 @@ def make_models(work: Path, *, seed: int) -> None:
         loss = task.supervised_train(model, tok, spec.sft_steps, seed=s)
         model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
-        print(f"  {name}: {spec.layers} layers, hidden {spec.hidden}, {spec.sft_steps} supervised steps "
-              f"(loss {loss:.3f}, {time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"  {name}: {spec.layers} layers, hidden {spec.hidden}, {spec.sft_steps} supervised steps "
+            f"(loss {loss:.3f}, {time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
 
 
 def train_args(work: Path, name: str, lam: float, a) -> list[str]:
     mc = work / "mcore"
     args = [
-        "--student-load", str(mc / "student"), "--teacher-load", str(mc / "teacher"),
-        "--gopd-lambda", str(lam), "--prompt-data", str(work / "train.jsonl"),
-        "--eval-prompt-data", str(work / "eval.jsonl"), "--eval-interval", str(a.steps),
-        "--apply-chat-template", "--rollout-engine", "cpu", "--weight-sync", "distributed",
-        "--rollout-batch-size", "32", "--n-samples-per-prompt", "4", "--max-response-len", "10",
-        "--rollout-temperature", "1.0", "--micro-batch-size", "32", "--lr", str(a.lr),
-        "--train-iters", str(a.steps), "--tensor-model-parallel-size", str(a.tp),
-        "--save", str(work / "runs" / name), "--seed", str(a.seed), "--no-progress",
+        "--student-load",
+        str(mc / "student"),
+        "--teacher-load",
+        str(mc / "teacher"),
+        "--gopd-lambda",
+        str(lam),
+        "--prompt-data",
+        str(work / "train.jsonl"),
+        "--eval-prompt-data",
+        str(work / "eval.jsonl"),
+        "--eval-interval",
+        str(a.steps),
+        "--apply-chat-template",
+        "--rollout-engine",
+        "cpu",
+        "--weight-sync",
+        "distributed",
+        "--rollout-batch-size",
+        "32",
+        "--n-samples-per-prompt",
+        "4",
+        "--max-response-len",
+        "10",
+        "--rollout-temperature",
+        "1.0",
+        "--micro-batch-size",
+        "32",
+        "--lr",
+        str(a.lr),
+        "--train-iters",
+        str(a.steps),
+        "--tensor-model-parallel-size",
+        str(a.tp),
+        "--save",
+        str(work / "runs" / name),
+        "--seed",
+        str(a.seed),
+        "--no-progress",
     ]
     return args
 
@@ -93,7 +128,9 @@ def step_time(run_dir: Path) -> float:
 
 @cli_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_gopd.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_gopd.demo", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--workdir", type=Path, default=Path("demo_runs"))
     p.add_argument("--steps", type=int, default=25, help="training steps per run")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -104,8 +141,12 @@ def main(argv=None) -> int:
 
     work = a.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     t_all = time.perf_counter()
     print("[1/4] tiny teacher and student (supervised steps on string reversal)", flush=True)
     make_models(work, seed=a.seed)
@@ -116,37 +157,84 @@ def main(argv=None) -> int:
     print("[2/4] convert to Megatron checkpoints", flush=True)
     for name in ("teacher", "student"):
         if not (work / "mcore" / name / "gopd_model.json").is_file():
-            _run([sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), "--hf-dir",
-                  str(work / "hf" / name), "--out", str(work / "mcore" / name)], work / f"convert_{name}.log", env)
+            _run(
+                [
+                    sys.executable,
+                    str(REPO / "tools" / "convert_hf_to_megatron.py"),
+                    "--hf-dir",
+                    str(work / "hf" / name),
+                    "--out",
+                    str(work / "mcore" / name),
+                ],
+                work / f"convert_{name}.log",
+                env,
+            )
 
     rows = []
     for name, lam in (("opd", 1.0), ("exopd", 1.25)):
-        print(f"[3/4] gopd-train {name} (lambda {lam}, {a.steps} steps, TP={a.tp}, CPU rollout server)", flush=True)
+        print(
+            f"[3/4] gopd-train {name} (lambda {lam}, {a.steps} steps, TP={a.tp}, CPU rollout server)",
+            flush=True,
+        )
         run = work / "runs" / name
         if run.exists():
             import shutil
 
             shutil.rmtree(run)
-        secs = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.tp),
-                     "-m", "megatron_gopd.train", *train_args(work, name, lam, a)], work / f"train_{name}.log", env)
+        secs = _run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(a.tp),
+                "-m",
+                "megatron_gopd.train",
+                *train_args(work, name, lam, a),
+            ],
+            work / f"train_{name}.log",
+            env,
+        )
         out = work / "hf" / f"student_{name}"
         if out.exists():
             import shutil
 
             shutil.rmtree(out)
-        _run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--load", str(run), "--out", str(out)],
-             work / f"export_{name}.log", env)
+        _run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "convert_megatron_to_hf.py"),
+                "--load",
+                str(run),
+                "--out",
+                str(out),
+            ],
+            work / f"export_{name}.log",
+            env,
+        )
         rows.append((name, lam, out, step_time(run), secs))
 
     print("[4/4] evaluate: avg@8 accuracy at temperature 1.0 on 64 held-out prompts", flush=True)
     tok = work / "tokenizer"
-    table = [("student (before)", "-", *evaluate(work / "hf" / "student", tok, eval_prompts, a.seed), "-"),
-             ("teacher", "-", *evaluate(work / "hf" / "teacher", tok, eval_prompts, a.seed), "-")]
+    table = [
+        (
+            "student (before)",
+            "-",
+            *evaluate(work / "hf" / "student", tok, eval_prompts, a.seed),
+            "-",
+        ),
+        ("teacher", "-", *evaluate(work / "hf" / "teacher", tok, eval_prompts, a.seed), "-"),
+    ]
     for name, lam, out, t_step, _ in rows:
         label = "student after OPD" if name == "opd" else "student after ExOPD"
-        table.append((label, f"{lam:g}", *evaluate(out, tok, eval_prompts, a.seed), f"{t_step:.2f}"))
-    lines = ["| model | lambda | accuracy (avg@8, T=1) | response tokens | s / step |",
-             "|---|---|---|---|---|"]
+        table.append(
+            (label, f"{lam:g}", *evaluate(out, tok, eval_prompts, a.seed), f"{t_step:.2f}")
+        )
+    lines = [
+        "| model | lambda | accuracy (avg@8, T=1) | response tokens | s / step |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {m} | {lam} | {acc:.3f} | {ln:.2f} | {t} |" for m, lam, acc, ln, t in table]
     text = "\n".join(lines)
     (work / "results.md").write_text(text + "\n")

@@ -57,7 +57,9 @@ def make_tokenizer(path: Path):
 
 
 def _prompt_ids(tok, s: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True, tokenize=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": s}], add_generation_prompt=True, tokenize=True
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -66,15 +68,25 @@ def make_model(tok, spec: ModelSpec, seed: int):
 
     torch.manual_seed(seed)
     cfg = Qwen3Config(
-        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=2 * spec.hidden,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-        head_dim=spec.hidden // spec.heads, max_position_embeddings=64, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=2 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.hidden // spec.heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-def supervised_train(model, tok, steps: int, *, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> float:
+def supervised_train(
+    model, tok, steps: int, *, batch_size: int = 64, lr: float = 3e-3, seed: int = 0
+) -> float:
     """Plain next-token SFT on the response tokens; returns the last loss."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -84,7 +96,9 @@ def supervised_train(model, tok, steps: int, *, batch_size: int = 64, lr: float 
         batch = []
         for _ in range(batch_size):
             s, ans = example(rng)
-            batch.append((_prompt_ids(tok, s), tok(ans, add_special_tokens=False)["input_ids"] + [eos]))
+            batch.append(
+                (_prompt_ids(tok, s), tok(ans, add_special_tokens=False)["input_ids"] + [eos])
+            )
         T = max(len(p) + len(r) for p, r in batch)
         x = torch.zeros(batch_size, T, dtype=torch.long)
         y = torch.full((batch_size, T), -100)
@@ -99,7 +113,9 @@ def supervised_train(model, tok, steps: int, *, batch_size: int = 64, lr: float 
 
 
 @torch.no_grad()
-def accuracy(model, tok, prompts: list[dict], *, n_samples: int, temperature: float, seed: int) -> tuple[float, float]:
+def accuracy(
+    model, tok, prompts: list[dict], *, n_samples: int, temperature: float, seed: int
+) -> tuple[float, float]:
     """avg@n accuracy and mean response length (tokens) of sampled answers, as in the paper's
     evaluation (temperature 1.0, average over samples)."""
     model.eval()
@@ -108,11 +124,16 @@ def accuracy(model, tok, prompts: list[dict], *, n_samples: int, temperature: fl
     for rec in prompts:
         ids = torch.tensor([_prompt_ids(tok, rec["prompt"])])
         out = model.generate(
-            ids.expand(n_samples, -1), max_new_tokens=10, do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            ids.expand(n_samples, -1),
+            max_new_tokens=10,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_k=None,
+            top_p=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
-        for row in out[:, ids.shape[1]:]:
+        for row in out[:, ids.shape[1] :]:
             toks = row.tolist()
             if tok.eos_token_id in toks:
                 toks = toks[: toks.index(tok.eos_token_id) + 1]

@@ -17,8 +17,14 @@ from megatron_gopd.sync.gather import iter_hf_tensors
 __all__ = ["export_role_to_hf"]
 
 
-def export_role_to_hf(role, out: str | Path, *, tokenizer=None, hf_config: dict | None = None,
-                      max_shard_bytes: int = 2 * 1024**3) -> Path:
+def export_role_to_hf(
+    role,
+    out: str | Path,
+    *,
+    tokenizer=None,
+    hf_config: dict | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
     """Write ``role``'s weights (HF names, unsharded) to ``out``, replacing an earlier export."""
     import shutil
 

@@ -6,6 +6,11 @@ side runs for ``/init_weights_update_group``: rendezvous on a TCP store, prefix 
 group name, build the backend with torch's group helper, and map group ranks to themselves so that
 ``broadcast(src=0, group=pg)`` means group rank 0. Used by the trainer (rank 0 of the group) and by
 our CPU server (ranks ``rank_offset + tp_rank``), exactly as SGLang's workers do.
+
+One deliberate difference: the TCP store is created directly, with group rank 0 as its master.
+``rendezvous("tcp://...")`` honours ``TORCHELASTIC_USE_AGENT_STORE``, which torchrun sets in every
+trainer process: rank 0 then connects as a *client* to a store that nobody serves, and both sides
+wait forever.
 """
 
 from __future__ import annotations
@@ -24,18 +29,29 @@ def init_custom_process_group(
     group_name: str,
     timeout: timedelta | None = None,
 ):
+    from urllib.parse import urlparse
+
+    from torch.distributed import TCPStore
     from torch.distributed.distributed_c10d import (
         Backend,
         PrefixStore,
         _new_process_group_helper,
         _world,
         default_pg_timeout,
-        rendezvous,
     )
 
     timeout = timeout or default_pg_timeout
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    url = urlparse(init_method)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"init_method must be tcp://HOST:PORT, got {init_method!r}")
+    store = TCPStore(
+        url.hostname,
+        url.port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(
         world_size,
