@@ -29,6 +29,7 @@ BASE = [
     "psutil>=5.9",  # required by megatron-core's dist_checkpointing
     "pyyaml>=6.0",
     "tqdm>=4.66",
+    "tensorboard>=2.14",  # per-step metrics (torch.utils.tensorboard)
     "math-verify[antlr4_13_2]>=0.9,<1",
     # rollout client: asyncio HTTP with bounded concurrency (SGLang's own benchmarks use it);
     # 3.9 is the first with the timeout/connector API we use, 4.x is unreleased
@@ -54,6 +55,7 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         *EVAL,
     ],
+    "wandb": ["wandb>=0.17"],
     "dev": [
         "ruff>=0.6",
     ],
@@ -74,6 +76,7 @@ setup(
         "console_scripts": [
             "gopd-score=megatron_gopd.scoring:main",
             "gopd-eval=megatron_gopd.evaluation.__main__:main",
+            "gopd-train=megatron_gopd.train:main",
         ],
     },
     classifiers=[

@@ -153,5 +153,7 @@ def gopd_loss(
         mb.domain_ids_B,
         mb.domains,
         row_values={"loss": (contrib_B, weight_B), "response_length": (n_B, (n_B > 0).float())},
+        # rows with lambda == 1 need no reference (their reference slots are placeholders)
+        row_masks=dict.fromkeys(("implicit_reward", "kl_ref"), lam_B != 1.0),
     )
     return loss, num_tokens, report

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_gopd.utils import GopdError, cli_errors, get_logger
+from megatron_gopd.utils import GopdError, cli_errors, get_logger, quiet_expected_warnings
 from megatron_gopd.vocab_parallel import DEFAULT_CHUNK_ELEMENTS, vocab_parallel_logprobs
 
 __all__ = ["main", "score_sequences"]
@@ -292,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_gopd import parallel
     from megatron_gopd.models import build_role, resolve_checkpoint
 
+    quiet_expected_warnings()
     args = build_parser().parse_args(argv)
     ckpt = resolve_checkpoint(args.load)  # fail before spinning up process groups
     if not args.input.is_file():

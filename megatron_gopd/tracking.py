@@ -2,8 +2,9 @@
 (console, ``metrics.jsonl``, TensorBoard, Weights & Biases).
 
 Metrics from the loss arrive as ``name -> tensor([weighted_sum, weight])`` per micro-batch;
-:func:`reduce_reports` sums them over micro-batches and data-parallel ranks and divides once, so a
-token-weighted mean stays token-weighted however the batch was split. Only global rank 0 writes.
+:func:`sum_reports` sums them over micro-batches and data-parallel ranks, and the loss module's
+``finalize_report`` divides once, so a token-weighted mean stays token-weighted however the batch
+was split. Only global rank 0 writes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_gopd.utils import get_logger
 
-__all__ = ["MetricsLogger", "PhaseTimer", "reduce_reports"]
+__all__ = ["MetricsLogger", "PhaseTimer", "format_step_line", "sum_reports"]
 
 log = get_logger(__name__)
 
@@ -54,16 +55,16 @@ class PhaseTimer:
         return out
 
 
-def reduce_reports(reports: Iterable[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
-    """Sum ``[weighted_sum, weight]`` pairs over micro-batches, then over ``group``; divide.
+def sum_reports(reports: Iterable[dict[str, torch.Tensor]], group=None) -> dict[str, torch.Tensor]:
+    """Sum ``[weighted_sum, weight]`` pairs over micro-batches, then over the ranks of ``group``.
 
-    Every rank of ``group`` must pass the same metric names in any order (a metric missing on one
-    rank, e.g. a domain absent from its shard, is filled with zeros there).
+    The loss puts the same metric names in every report (absent domains with weight 0), but a rank
+    with no micro-batch at all has none: names are agreed on first, missing ones count as zeros.
     """
     acc: dict[str, torch.Tensor] = {}
     for rep in reports:
         for k, v in rep.items():
-            v = v.detach().float().reshape(-1)[:2].cpu()
+            v = v.detach().double().reshape(-1)[:2].cpu()
             acc[k] = acc[k] + v if k in acc else v.clone()
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         names = [None] * dist.get_world_size(group)
@@ -72,10 +73,10 @@ def reduce_reports(reports: Iterable[dict[str, torch.Tensor]], group=None) -> di
         from megatron_gopd import platform
 
         dev = platform.device() if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        stacked = torch.stack([acc.get(k, torch.zeros(2)) for k in all_names]).to(dev)
+        stacked = torch.stack([acc.get(k, torch.zeros(2, dtype=torch.float64)) for k in all_names]).to(dev)
         dist.all_reduce(stacked, group=group)
         acc = dict(zip(all_names, stacked.cpu(), strict=True))
-    return {k: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for k, v in acc.items()}
+    return acc
 
 
 class MetricsLogger:
@@ -167,11 +168,12 @@ def format_step_line(step: int, total: int, m: dict[str, float]) -> str:
     """One console line with what users watch first."""
     parts = [f"step {step}/{total}"]
     for key, label, fmt in (
-        ("loss/reverse_kl", "rKL", "{:.4f}"),
-        ("loss/advantage_mean", "adv", "{:+.4f}"),
-        ("loss/entropy", "ent", "{:.3f}"),
+        ("train/kl_teacher", "rKL", "{:.4f}"),
+        ("train/advantage", "adv", "{:+.4f}"),
+        ("train/entropy", "ent", "{:.3f}"),
         ("rollout/response_len", "len", "{:.1f}"),
         ("eval/accuracy", "acc", "{:.3f}"),
+        ("eval/reverse_kl", "eval rKL", "{:.4f}"),
         ("optim/grad_norm", "gnorm", "{:.3f}"),
         ("perf/tokens_per_s", "tok/s", "{:.0f}"),
         ("time/step", "s/step", "{:.2f}"),

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from megatron_gopd import parallel
 from megatron_gopd.arguments import parse_args
 from megatron_gopd.config import TrainConfig, build_config
-from megatron_gopd.utils import cli_errors, get_logger
+from megatron_gopd.utils import cli_errors, get_logger, quiet_expected_warnings
 
 __all__ = ["main", "train"]
 
@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, rollout_factory=None) -> dict[str, float]:
 
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_expected_warnings()
     cfg = build_config(parse_args(argv))
     try:
         train(cfg)

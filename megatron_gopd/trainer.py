@@ -35,7 +35,7 @@ from megatron_gopd.models import (
     resolve_checkpoint,
 )
 from megatron_gopd.scoring import score_sequences
-from megatron_gopd.tracking import MetricsLogger, PhaseTimer, format_step_line, reduce_reports
+from megatron_gopd.tracking import MetricsLogger, PhaseTimer, format_step_line, sum_reports
 from megatron_gopd.types import Sample
 from megatron_gopd.update import build_optimizer, collate, train_step
 from megatron_gopd.utils import GopdError, get_logger
@@ -338,19 +338,20 @@ class GOPDTrainer:
         return teacher, ref
 
     def _reduce_to_rank0(self, reports: list[dict]) -> dict[str, float]:
-        """Loss reports live on the last pipeline stage: reduce over data-parallel ranks there, then
-        hand the numbers to global rank 0 (the first stage when PP > 1)."""
+        """Loss reports live on the last pipeline stage: sum them over data-parallel ranks there,
+        finalize (one division), and hand the numbers to global rank 0 (the first stage when
+        PP > 1). Keys become ``train/<metric>`` and ``train/<domain>/<metric>``."""
+        from megatron_gopd.gopd import finalize_report
+
         ps = _ps()
         metrics = None
         if ps.is_pipeline_last_stage():
-            metrics = reduce_reports(reports, group=ps.get_data_parallel_group())
+            summed = sum_reports(reports, group=ps.get_data_parallel_group())
+            metrics = {f"train/{k}": v for k, v in finalize_report(summed).items()}
         if ps.get_pipeline_model_parallel_world_size() > 1:
             box = [metrics]
-            dist.broadcast_object_list(
-                box,
-                src=ps.get_pipeline_model_parallel_last_rank(),
-                group=ps.get_pipeline_model_parallel_group(),
-            )
+            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=ps.get_pipeline_model_parallel_group())
             metrics = box[0]
         return dict(metrics or {})
 

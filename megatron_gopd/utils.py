@@ -56,3 +56,28 @@ def cli_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             return 130
 
     return wrapper
+
+
+# Warnings that megatron-core / torch print on every CPU run and that say nothing actionable there:
+# the fused kernels they miss are CUDA-only, and the deprecations are inside megatron-core itself.
+_EXPECTED_ON_CPU = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*full scope is deprecated.*",
+    r".*`load_state_dict` is deprecated.*",
+    r".*Please use DTensor instead.*",
+    r".*`torch_dtype` is deprecated.*",
+)
+
+
+def quiet_expected_warnings() -> None:
+    """Silence warnings that are expected on a CPU-only machine (kept on GPU machines, where a
+    missing Transformer Engine or Apex is worth knowing about)."""
+    import warnings
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for pattern in _EXPECTED_ON_CPU:
+        warnings.filterwarnings("ignore", message=pattern)

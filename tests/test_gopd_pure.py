@@ -197,3 +197,19 @@ def test_gopd_package_is_pure():
                 names = [node.module or ""]
             for n in names:
                 assert not n.startswith(("megatron.", "torch.distributed", "argparse")), (f, n)
+
+
+def test_report_counts_reference_metrics_only_on_rows_that_have_a_reference():
+    """Row 0 (lambda = 1) carries a placeholder reference (NaN here, zeros in the trainer); the
+    implicit reward q - r must average row 1's tokens only: ((-1 - -3) + (-2 - -3)) / 2 = 1.5."""
+    from megatron_gopd.gopd.metrics import build_report, finalize_report
+
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    q = torch.tensor([[-0.5, -0.5], [-1.0, -2.0]])
+    r = torch.tensor([[float("nan"), float("nan")], [-3.0, -3.0]])
+    rep = build_report({"implicit_reward": q - r, "teacher_logprob": q}, mask, torch.tensor([0, 1]),
+                       ["a", "b"], row_masks={"implicit_reward": torch.tensor([False, True])})
+    out = finalize_report(rep)
+    assert out["implicit_reward"] == pytest.approx(1.5)
+    assert out["b/implicit_reward"] == pytest.approx(1.5) and "a/implicit_reward" not in out
+    assert out["teacher_logprob"] == pytest.approx(-1.0)  # unmasked metrics use every row

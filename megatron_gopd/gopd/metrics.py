@@ -80,6 +80,7 @@ def build_report(
     domain_ids_B: torch.Tensor,
     domains: Sequence[str],
     row_values: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    row_masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sum metrics per row, then overall and per domain, into ``{name: [sum, weight]}``.
 
@@ -90,16 +91,22 @@ def build_report(
         domains: the batch's domain names (all of them, also those absent from this micro-batch).
         row_values: name -> (``[B]`` contributions, ``[B]`` weights) for metrics that are not token
             means (the loss under its aggregation, response length).
+        row_masks: name -> ``[B]`` bool: the rows where that token metric is defined (e.g. the
+            reference's metrics only where lambda != 1, the rows whose reference was scored).
 
     Returns:
         name -> fp32 ``[2]`` for the whole micro-batch and ``"{domain}/{name}"`` per domain.
     """
     names, sums, weights = [], [], []
     n_B = (mask_BS > 0).sum(dim=-1).float()
+    row_masks = row_masks or {}
     for name, v in token_values.items():
+        keep = row_masks.get(name)
+        w = n_B if keep is None else n_B * keep.to(n_B.dtype)
         names.append(name)
-        sums.append(masked_row_sums(v.float(), mask_BS))
-        weights.append(n_B)
+        row_sum = masked_row_sums(v.float(), mask_BS)
+        sums.append(torch.where(w > 0, row_sum, torch.zeros_like(row_sum)))
+        weights.append(w)
     for name, (c, w) in (row_values or {}).items():
         names.append(name)
         sums.append(c.detach().float())
