@@ -6,6 +6,8 @@ For each (tokens, vocabulary, TP, dtype) the same vocab-parallel logits go throu
                   (the lower bound: it computes the same log-prob of the sampled token)
     gopd          megatron_gopd.loss.gopd_loss, default config (sampled estimator), with its
                   advantages, entropy and the full metrics report
+    fdiv          gopd_loss(objective="fdiv", divergence="alpha", alpha=0.5): OPD+, the corrected
+                  f-divergence advantage on the same log-probs (sampled estimator)
     naive         all-gather the vocabulary, log_softmax in fp32, gather, masked sum
     gopd_full     gopd_loss(estimator="full_vocab"): also reads the teacher's and reference's
                   logits (three inputs, so its memory is not comparable; time for information)
@@ -50,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 torch.set_num_threads(1)  # before any op: ranks are forked from this process
 
-CANDIDATES = ("megatron_ce", "gopd", "naive", "gopd_full")
+CANDIDATES = ("megatron_ce", "gopd", "fdiv", "naive", "gopd_full")
+FDIV = dict(objective="fdiv", divergence="alpha", alpha=0.5)  # exercises the clamp and expm1
 CPU_SHAPES = "2048x32768x1,1024x151936x1,2048x65536x2,1024x151936x4"
 GPU_SHAPES = "8192x151936x1,16384x151936x1,8192x262144x1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -115,6 +118,9 @@ def _run(name: str, inp: dict) -> None:
         loss = (vocab_parallel_cross_entropy(x, labels) * m).sum()
     elif name == "gopd":
         loss, _, _ = gopd_loss(x, mb, GOPDLossConfig(), tp_group=group, vocab_size=inp["vocab"])
+    elif name == "fdiv":
+        cfg = GOPDLossConfig(**FDIV)
+        loss, _, _ = gopd_loss(x, mb, cfg, tp_group=group, vocab_size=inp["vocab"])
     elif name == "gopd_full":
         loss, _, _ = gopd_loss(
             x,

@@ -107,6 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
         "(official code: 5.0; default off)",
     )
 
+    g = p.add_argument_group("OPD+ (f-divergence distillation; --gopd-objective fdiv)")
+    g.add_argument(
+        "--gopd-objective",
+        choices=["gopd", "fdiv"],
+        default="gopd",
+        help="gopd: the G-OPD advantage; fdiv: minimise an f-divergence to the teacher "
+        "(sampled estimator only)",
+    )
+    g.add_argument(
+        "--fdiv-divergence",
+        choices=["reverse_kl", "forward_kl", "js", "tv", "alpha"],
+        default="reverse_kl",
+        help="reverse_kl is G-OPD exactly",
+    )
+    g.add_argument(
+        "--fdiv-alpha",
+        type=float,
+        default=0.5,
+        help="alpha of --fdiv-divergence alpha (1: reverse KL, 0: forward KL, 0.5: Hellinger)",
+    )
+    g.add_argument(
+        "--fdiv-advantage",
+        choices=["corrected", "naive"],
+        default="corrected",
+        help="corrected: the unbiased advantage f'(r) - f'(1); naive: the stop-gradient f(r)/r "
+        "(biased except for reverse KL; for comparison)",
+    )
+    g.add_argument(
+        "--fdiv-max-log-ratio",
+        type=float,
+        default=20.0,
+        help="clamp of |log(pi_theta / pi*)| for all divergences but reverse KL",
+    )
+
     g = p.add_argument_group("data")
     g.add_argument(
         "--prompt-data", help="jsonl: 'prompt' or 'messages', optional 'domain', extra fields kept"

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_gopd.data import DEFAULT_DOMAIN
+from megatron_gopd.gopd import GOPDLossConfig
+from megatron_gopd.gopd.fdiv import MAX_ABS_LOG_RATIO
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.utils import GopdError
 
@@ -66,6 +68,27 @@ class GOPDConfig:
     top_k: int = 64
     aggregation: str = "token_mean"
     tis_cap: float | None = None
+    # OPD+ (objective "fdiv"): see megatron_gopd.gopd.fdiv
+    objective: str = "gopd"
+    divergence: str = "reverse_kl"
+    alpha: float = 0.5
+    fdiv_correction: bool = True
+    fdiv_max_log_ratio: float = MAX_ABS_LOG_RATIO
+
+    def loss_config(self) -> GOPDLossConfig:
+        """The loss configuration; raises ``LossConfigError`` (a ``GopdError``) naming the field
+        for an invalid combination. :func:`build_config` calls it once to fail early."""
+        return GOPDLossConfig(
+            estimator=self.estimator,
+            top_k=self.top_k,
+            aggregation=self.aggregation,
+            tis_cap=self.tis_cap,
+            objective=self.objective,
+            divergence=self.divergence,
+            alpha=self.alpha,
+            fdiv_correction=self.fdiv_correction,
+            fdiv_max_log_ratio=self.fdiv_max_log_ratio,
+        )
 
     def lam(self, domain: str) -> float:
         return float(self.lambdas.get(domain, self.lambdas.get(DEFAULT_DOMAIN, 1.0)))
@@ -226,7 +249,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.eval_interval and not args.eval_prompt_data:
         raise GopdError("--eval-interval needs --eval-prompt-data")
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    return TrainConfig(
+    cfg = TrainConfig(
         parallel=parallel,
         models=ModelsConfig(
             student_load=args.student_load,
@@ -242,6 +265,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             top_k=args.gopd_top_k,
             aggregation=args.gopd_aggregation,
             tis_cap=args.gopd_tis_cap,
+            objective=args.gopd_objective,
+            divergence=args.fdiv_divergence,
+            alpha=args.fdiv_alpha,
+            fdiv_correction=args.fdiv_advantage == "corrected",
+            fdiv_max_log_ratio=args.fdiv_max_log_ratio,
         ),
         data=DataConfig(
             prompt_data=args.prompt_data,
@@ -283,3 +311,5 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         eval_interval=args.eval_interval,
         eval_n_samples=args.eval_n_samples,
     )
+    cfg.gopd.loss_config()  # the loss flags (OPD+ included) are checked here, not mid-run
+    return cfg

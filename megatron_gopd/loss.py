@@ -23,6 +23,10 @@ and ranks. The per-token term ``l_bt`` depends on the estimator (:class:`GOPDLos
     full_vocab  l = J_t = sum_y pi_theta(y) A_t(y)       (exact expectation over y_t)
     top_k       l = J_t on the student's top-k tokens + one rest cell
 
+``objective="fdiv"`` (OPD+, sampled estimator) replaces ``A_t`` by the f-divergence advantage of
+:mod:`megatron_gopd.gopd.fdiv` (the report gains ``fdiv``, the per-token divergence estimate, and
+``fdiv_clamped``, the share of clamped log-ratios); ``divergence="reverse_kl"`` is G-OPD exactly.
+
 ``report`` maps metric names (see :mod:`megatron_gopd.gopd.metrics`) and ``"{domain}/{name}"`` to
 fp32 ``[weighted_sum, weight]``; ``"loss"`` is ``[loss, num_tokens]``. Sum reports over
 micro-batches and DP ranks, then :func:`~megatron_gopd.gopd.metrics.finalize_report`.
@@ -34,6 +38,7 @@ import torch
 
 from megatron_gopd.gopd import (
     GOPDLossConfig,
+    fdiv_advantages,
     gopd_advantages,
     label_mask,
     row_contributions,
@@ -121,9 +126,12 @@ def gopd_loss(
         )
 
     # The sampled-token advantage: the loss weight for "sampled", a metric for the others.
-    adv_BS = gopd_advantages(
-        logp_BS, mb.teacher_logprobs_BS, mb.ref_logprobs_BS, lam_B, mask=mask_BS
-    )
+    if cfg.objective == "fdiv":
+        adv_BS = _fdiv_advantages(logp_BS, mb, cfg, mask_BS, extra)
+    else:
+        adv_BS = gopd_advantages(
+            logp_BS, mb.teacher_logprobs_BS, mb.ref_logprobs_BS, lam_B, mask=mask_BS
+        )
     isw = None
     if mb.rollout_logprobs_BS is not None:
         isw = truncated_is_weights(logp_BS, mb.rollout_logprobs_BS, cfg.tis_cap, mask=mask_BS)
@@ -157,3 +165,27 @@ def gopd_loss(
         row_masks=dict.fromkeys(("implicit_reward", "kl_ref"), lam_B != 1.0),
     )
     return loss, num_tokens, report
+
+
+def _fdiv_advantages(
+    logp_BS: torch.Tensor,
+    mb: RolloutBatch,
+    cfg: GOPDLossConfig,
+    mask_BS: torch.Tensor,
+    extra: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """OPD+ (``objective="fdiv"``): the f-divergence advantage of the sampled tokens; adds the
+    per-token divergence estimate and clamp indicator to ``extra`` (the report's metrics)."""
+    fd = fdiv_advantages(
+        logp_BS,
+        mb.teacher_logprobs_BS,
+        mb.ref_logprobs_BS,
+        mb.lam_B.float(),
+        mask=mask_BS,
+        divergence=cfg.divergence,
+        alpha=cfg.alpha,
+        corrected=cfg.fdiv_correction,
+        max_log_ratio=cfg.fdiv_max_log_ratio,
+    )
+    extra["fdiv"], extra["fdiv_clamped"] = fd.estimate, fd.clamped
+    return fd.advantage

@@ -302,12 +302,7 @@ class GOPDTrainer:
     # ------------------------------------------------------------------ loss plumbing
 
     def _loss_config(self):
-        from megatron_gopd.gopd import GOPDLossConfig
-
-        g = self.cfg.gopd
-        return GOPDLossConfig(
-            estimator=g.estimator, top_k=g.top_k, aggregation=g.aggregation, tis_cap=g.tis_cap
-        )
+        return self.cfg.gopd.loss_config()  # G-OPD and OPD+ (fdiv) fields, validated there
 
     @torch.no_grad()
     def _frozen_logits(self, mb):

@@ -15,6 +15,6 @@ def test_bench_loss_runs_and_prints_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert [(r["tp"], r["dtype"]) for r in out["results"]] == [(2, "fp32")]
     for r in out["results"]:
-        assert set(r["ratios"]) == {"gopd", "naive", "gopd_full"}
+        assert set(r["ratios"]) == {"gopd", "fdiv", "naive", "gopd_full"}
         for c in r["candidates"].values():
             assert c["time_s"] > 0 and c["peak_bytes"] > 0

@@ -6,9 +6,10 @@ the student::
     A_t = (log pi_theta(y_t) - log pi*(y_t)) + (lambda - 1) (log pi_ref(y_t) - log pi*(y_t))
 
 and the student minimises the masked mean of ``sg[A_t] * log pi_theta(y_t)``. pi* is the teacher,
-pi_ref the reference (never called "ref" for the teacher). The Megatron glue is
-:mod:`megatron_gopd.loss`; the vocab-parallel pieces are :mod:`megatron_gopd.vocab_parallel` and
-:mod:`megatron_gopd.vocab_parallel_gopd`.
+pi_ref the reference (never called "ref" for the teacher). :mod:`megatron_gopd.gopd.fdiv` is the
+OPD+ variant: an f-divergence to the teacher with the unbiased (corrected stop-gradient)
+advantage. The Megatron glue is :mod:`megatron_gopd.loss`; the vocab-parallel pieces are
+:mod:`megatron_gopd.vocab_parallel` and :mod:`megatron_gopd.vocab_parallel_gopd`.
 """
 
 from megatron_gopd.gopd.advantages import as_token_lambda, gopd_advantages, implicit_reward
@@ -19,15 +20,20 @@ from megatron_gopd.gopd.aggregation import (
     shift_labels,
 )
 from megatron_gopd.gopd.config import GOPDLossConfig, LossConfigError
+from megatron_gopd.gopd.fdiv import DIVERGENCES, FDivAdvantages, fdiv_advantages, fdiv_terms
 from megatron_gopd.gopd.importance import ISWeights, truncated_is_weights
 from megatron_gopd.gopd.metrics import build_report, finalize_report, token_metrics
 
 __all__ = [
+    "DIVERGENCES",
+    "FDivAdvantages",
     "GOPDLossConfig",
     "ISWeights",
     "LossConfigError",
     "as_token_lambda",
     "build_report",
+    "fdiv_advantages",
+    "fdiv_terms",
     "finalize_report",
     "gopd_advantages",
     "implicit_reward",

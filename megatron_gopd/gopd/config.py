@@ -8,14 +8,17 @@ from typing import Literal
 
 import torch
 
+from megatron_gopd.gopd.fdiv import DIVERGENCES, MAX_ABS_LOG_RATIO, MAX_EXP_ARG, Divergence
 from megatron_gopd.utils import GopdError
 
-__all__ = ["AGGREGATIONS", "ESTIMATORS", "GOPDLossConfig", "LossConfigError"]
+__all__ = ["AGGREGATIONS", "ESTIMATORS", "OBJECTIVES", "GOPDLossConfig", "LossConfigError"]
 
 Estimator = Literal["sampled", "full_vocab", "top_k"]
 Aggregation = Literal["token_mean", "seq_mean"]
+Objective = Literal["gopd", "fdiv"]
 ESTIMATORS: tuple[str, ...] = ("sampled", "full_vocab", "top_k")
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean")
+OBJECTIVES: tuple[str, ...] = ("gopd", "fdiv")
 
 # Tokens x vocabulary-slice elements per fp32 scratch buffer (chunk_elements=None picks these).
 # The sampled estimator keeps one or two such buffers, the full-vocabulary ones a handful.
@@ -49,6 +52,14 @@ class GOPDLossConfig:
             official G-OPD code uses 5.0). None: off. Sampled estimator only.
         chunk_elements: size of the fp32 scratch buffers (tokens x vocabulary slice), a memory /
             speed knob; None: a default per device type (:meth:`chunk_elements_for`).
+        objective: ``"gopd"`` (the G-OPD advantage) or ``"fdiv"`` (OPD+: an f-divergence between
+            the student and the (G-OPD) teacher, :mod:`megatron_gopd.gopd.fdiv`; sampled
+            estimator only). The fields below apply to ``"fdiv"``.
+        divergence: ``"reverse_kl"`` (= G-OPD), ``"forward_kl"``, ``"js"``, ``"tv"``, ``"alpha"``.
+        alpha: the parameter of ``"alpha"`` (1: reverse KL, 0: forward KL, 0.5: Hellinger).
+        fdiv_correction: the unbiased advantage ``f'(r) - f'(1)`` (True) or the naive
+            stop-gradient ``f(r) / r`` (False, for comparison; biased except for reverse KL).
+        fdiv_max_log_ratio: clamp of ``|log r|`` (all divergences but reverse KL).
     """
 
     estimator: Estimator = "sampled"
@@ -56,6 +67,11 @@ class GOPDLossConfig:
     aggregation: Aggregation = "token_mean"
     tis_cap: float | None = None
     chunk_elements: int | None = None
+    objective: Objective = "gopd"
+    divergence: Divergence = "reverse_kl"
+    alpha: float = 0.5
+    fdiv_correction: bool = True
+    fdiv_max_log_ratio: float = MAX_ABS_LOG_RATIO
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -84,6 +100,35 @@ class GOPDLossConfig:
         ce = self.chunk_elements
         if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
             raise LossConfigError(f"chunk_elements={ce!r} must be a positive integer or None")
+        self._check_fdiv()
+
+    def _check_fdiv(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise LossConfigError(
+                f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}"
+            )
+        if self.divergence not in DIVERGENCES:
+            raise LossConfigError(
+                f"divergence={self.divergence!r}: choose one of {', '.join(DIVERGENCES)}"
+            )
+        if not isinstance(self.fdiv_correction, bool):
+            raise LossConfigError(f"fdiv_correction={self.fdiv_correction!r} must be a bool")
+        a, L = self.alpha, self.fdiv_max_log_ratio
+        for name, x in (("alpha", a), ("fdiv_max_log_ratio", L)):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise LossConfigError(f"{name}={x!r} must be a finite number")
+        if not 0 < L <= MAX_EXP_ARG:
+            raise LossConfigError(f"fdiv_max_log_ratio={L} must be in (0, {MAX_EXP_ARG}]")
+        if self.divergence == "alpha" and abs(a - 1.0) * L > MAX_EXP_ARG:
+            # the advantage is expm1((alpha - 1) l) / (alpha - 1) with |l| <= L
+            raise LossConfigError(
+                f"alpha={a} with fdiv_max_log_ratio={L}: exp((alpha - 1) log r) could overflow "
+                f"fp32; need |alpha - 1| * fdiv_max_log_ratio <= {MAX_EXP_ARG}"
+            )
+        if self.objective == "fdiv" and self.estimator != "sampled":
+            raise LossConfigError(
+                f"objective='fdiv' supports the sampled estimator only, not {self.estimator!r}"
+            )
 
     def chunk_elements_for(self, device: torch.device) -> int:
         """The scratch-buffer size to use for logits on ``device``."""

@@ -20,6 +20,9 @@ sampled token, ``A`` the advantage)::
     advantage_sq      A^2
     entropy           H(pi_theta(. | prefix))
     is_ratio, is_weight, is_clipped, rollout_abs_log_ratio     (with rollout log-probs)
+    fdiv              f(r) / r, r = e^l        OPD+ (objective "fdiv"): unbiased per-token estimate
+                                                of the f-divergence to the teacher (added by the loss)
+    fdiv_clamped      1[|l| > L]                OPD+: share of log-ratios l clamped (see gopd.fdiv)
 
 Sequence metrics (weight: sequences with at least one response token): ``response_length``.
 """
