@@ -575,7 +575,7 @@ gopd_checkpoint_and_stop() {
         return 0
     }
     local ranks=()
-    mapfile -t ranks < <(ps -o pid= --ppid "$GOPD_TRAIN_PID" 2>/dev/null | tr -d ' ')
+    mapfile -t ranks < <(gopd_children "$GOPD_TRAIN_PID")
     if ((${#ranks[@]} == 0)); then
         gopd_log "USR1: torchrun has no ranks yet; SIG$STOP_SIGNAL to torchrun"
         kill -s "$STOP_SIGNAL" "$GOPD_TRAIN_PID" 2>/dev/null || true
@@ -583,6 +583,20 @@ gopd_checkpoint_and_stop() {
     fi
     gopd_log "USR1: SIG$STOP_SIGNAL to the training ranks (pids ${ranks[*]}) to checkpoint and stop"
     kill -s "$STOP_SIGNAL" "${ranks[@]}" 2>/dev/null || true
+}
+
+# The pids whose parent is PID, from /proc (no ps in minimal containers). The command name in
+# /proc/N/stat is in parentheses and may contain spaces: the fields after it start with the state,
+# then the parent pid.
+gopd_children() {
+    local stat line rest
+    for stat in /proc/[0-9]*/stat; do
+        read -r line <"$stat" 2>/dev/null || continue
+        rest=${line##*) }
+        read -r _ rest _ <<<"$rest"
+        [[ $rest == "$1" ]] && basename "$(dirname "$stat")"
+    done
+    return 0
 }
 
 # Wait for PID to end, at most GOPD_STOP_GRACE seconds, then SIGKILL it.

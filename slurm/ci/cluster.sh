@@ -94,9 +94,11 @@ SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
-# short timers: a test cluster should kill, requeue and forget jobs quickly
+# short timers: a test cluster should kill, requeue and report jobs quickly. sbatch --wait
+# polls every 2 s only while 2 >= MinJobAge/2 (integer division; else every 8 s, then 32 s), and
+# a finished job stays visible for MinJobAge seconds: 5 lets a 2 s poll see it with 3 s to spare.
 KillWait=5
-MinJobAge=300
+MinJobAge=5
 SlurmdTimeout=60
 InactiveLimit=0
 CONF
