@@ -341,7 +341,8 @@ gopd_srun_command() {
     # the step name lets the batch step find it again (squeue --steps) to signal it
     CMD=(srun --job-name="gopd-$role" --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1
         --relative="$relative")
-    # Slurm 22.05+ no longer passes the job's --cpus-per-task on to srun
+    # Without --cpus-per-task a step gets every CPU the job has on its nodes; a job that asked
+    # for fewer keeps them (srun no longer reads SLURM_CPUS_PER_TASK itself since Slurm 22.05)
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then CMD+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
     if [[ -n $SITE_CONTAINER_IMAGE ]]; then
         local mounts=$GOPD_ROOT:$GOPD_ROOT,$LOG_ROOT:$LOG_ROOT

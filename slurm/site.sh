@@ -9,7 +9,8 @@ SITE_PARTITION=""   # sbatch --partition
 SITE_ACCOUNT=""     # sbatch --account
 SITE_QOS=""         # sbatch --qos
 # How the job asks for GPUs: gpus-per-node (--gpus-per-node=N), gres (--gres=gpu:N), or none
-# (whole-node partitions where asking is an error).
+# (clusters without GPU GRES, where every job sees the node's GPUs; with GRES, job steps only get
+# the GPUs the job asked for).
 SITE_GPU_REQUEST=gpus-per-node
 # Anything else sbatch needs here, e.g. (--exclusive --mem=0 --cpus-per-task=96 --reservation=x).
 SITE_SBATCH_ARGS=()
