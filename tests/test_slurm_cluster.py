@@ -186,6 +186,7 @@ def test_a_failure_on_one_node_ends_the_job_and_leaves_no_process(slurm_env, tmp
     assert rc != 0, everything
     # the hanging rank on node 0 would sleep 600 s: the launcher ended it
     assert elapsed < 120, everything
+    assert_no_process_left(str(out_dir))
     # both ranks started, each on its own node, and reached both nodes' colocated servers
     for rank in (0, 1):
         record = json.loads((out_dir / f"rank{rank}-restart0.json").read_text())
@@ -193,7 +194,6 @@ def test_a_failure_on_one_node_ends_the_job_and_leaves_no_process(slurm_env, tmp
         assert sorted(record["rollout_urls"].values()) == [200, 200]
         assert record["env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_CUMEM_ENABLE": "0"}
     assert "node 1 (n2): torchrun exited with status 1" in nodes["node1-n2.log"]
-    assert_no_process_left(str(out_dir))
 
 
 # ---------------------------------------------------------------------------------- requeue
