@@ -600,14 +600,24 @@ gopd_children() {
     return 0
 }
 
-# Wait for PID to end, at most GOPD_STOP_GRACE seconds, then SIGKILL it.
+# PID and all its descendants, parents first.
+gopd_tree() {
+    local child
+    printf '%s\n' "$1"
+    for child in $(gopd_children "$1"); do gopd_tree "$child"; done
+}
+
+# Wait for PID to end, at most GOPD_STOP_GRACE seconds, then SIGKILL it with all its descendants:
+# killed alone, torchrun or an SGLang server would leave its workers to init, out of the reach of
+# Slurm's process tracking where that follows parent pids (proctrack/linuxproc).
 GOPD_STOP_GRACE=${GOPD_STOP_GRACE:-60}
 gopd_reap() {
-    local pid=$1 deadline=$((SECONDS + GOPD_STOP_GRACE))
+    local pid=$1 deadline=$((SECONDS + GOPD_STOP_GRACE)) tree
     while kill -0 "$pid" 2>/dev/null; do
         if ((SECONDS >= deadline)); then
-            gopd_log "pid $pid still running $GOPD_STOP_GRACE s after SIGTERM: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
+            mapfile -t tree < <(gopd_tree "$pid")
+            gopd_log "pid $pid still running $GOPD_STOP_GRACE s after SIGTERM: SIGKILL to ${tree[*]}"
+            kill -KILL "${tree[@]}" 2>/dev/null || true
         fi
         sleep 0.5
     done

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_gopd.testing import run_distributed
-from megatron_gopd.utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "tests" / "slurm_support"
@@ -89,6 +88,25 @@ def job_logs(workdir: Path, name: str, job: int) -> tuple[str, dict[str, str]]:
     batch = (workdir / "logs" / f"{name}-{job}.out").read_text()
     nodes = {p.name: p.read_text() for p in sorted((workdir / "logs" / f"{name}-{job}").glob("*"))}
     return batch, nodes
+
+
+def rollout_port() -> int:
+    """A base port for the stub servers: free, and free 100 above it too (the second emulated node,
+    SITE_SHARED_HOST_PORT_OFFSET), below the ephemeral range that live connections draw from and
+    above the MASTER_PORTs of test jobs (20000 + job id)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randrange(24000, 29000, 2)
+        try:
+            for port in (base, base + 1, base + 100, base + 101):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port pair for the stub rollout servers")
 
 
 def processes_mentioning(token: str) -> list[str]:
@@ -178,7 +196,7 @@ def test_a_failure_on_one_node_ends_the_job_and_leaves_no_process(slurm_env, tmp
     out_dir.mkdir()
     recipe = SUPPORT / "fake-fail.sh"
     start = time.monotonic()
-    proc = submit(slurm_env, tmp_path, recipe, f"OUT={out_dir}", f"ROLLOUT_PORT={free_port()}")
+    proc = submit(slurm_env, tmp_path, recipe, f"OUT={out_dir}", f"ROLLOUT_PORT={rollout_port()}")
     rc, out, job = finish(proc, 300)
     elapsed = time.monotonic() - start
     batch, nodes = job_logs(tmp_path, recipe.stem, job)
@@ -189,11 +207,13 @@ def test_a_failure_on_one_node_ends_the_job_and_leaves_no_process(slurm_env, tmp
     assert_no_process_left(str(out_dir))
     # both ranks started, each on its own node, and reached both nodes' colocated servers
     for rank in (0, 1):
-        record = json.loads((out_dir / f"rank{rank}-restart0.json").read_text())
-        assert record["host"] == f"n{rank + 1}" and record["world_size"] == 2
-        assert sorted(record["rollout_urls"].values()) == [200, 200]
+        path = out_dir / f"rank{rank}-restart0.json"
+        assert path.exists(), everything
+        record = json.loads(path.read_text())
+        assert record["host"] == f"n{rank + 1}" and record["world_size"] == 2, record
+        assert sorted(record["rollout_urls"].values()) == [200, 200], record
         assert record["env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_CUMEM_ENABLE": "0"}
-    assert "node 1 (n2): torchrun exited with status 1" in nodes["node1-n2.log"]
+    assert "node 1 (n2): torchrun exited with status 1" in nodes["node1-n2.log"], everything
 
 
 # ---------------------------------------------------------------------------------- requeue
@@ -210,7 +230,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_env, tmp_path
         recipe,
         f"OUT={out_dir}",
         f"STEPS={steps}",
-        f"ROLLOUT_PORT={free_port()}",
+        f"ROLLOUT_PORT={rollout_port()}",
     )
     events = out_dir / "events.log"
     deadline = time.monotonic() + 120
