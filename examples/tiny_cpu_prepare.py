@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Make the inputs of the tiny CPU recipes: a tiny random Qwen3 HF model, its converted Megatron
+checkpoint, and a few token sequences to score.
+
+    python examples/tiny_cpu_prepare.py DIR     # writes DIR/hf, DIR/mcore, DIR/tokens.jsonl
+"""
+
+import json
+import sys
+from pathlib import Path
+
+SEQUENCE_LENGTHS = (5, 17, 33)
+
+
+def prepare(out_dir: str) -> None:
+    import torch
+
+    from megatron_gopd.convert.checkpoint import convert_hf_to_megatron
+    from megatron_gopd.testing import TINY_DIMS, make_tiny_hf_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    make_tiny_hf_model(out / "hf", "qwen3")
+    convert_hf_to_megatron(out / "hf", out / "mcore")
+    g = torch.Generator().manual_seed(0)
+    with (out / "tokens.jsonl").open("w") as f:
+        for n in SEQUENCE_LENGTHS:
+            ids = torch.randint(0, TINY_DIMS["vocab_size"], (n,), generator=g).tolist()
+            f.write(json.dumps({"input_ids": ids, "prompt_len": 2}) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    prepare(sys.argv[1])
+    print(f"wrote {sys.argv[1]}/hf, {sys.argv[1]}/mcore and {sys.argv[1]}/tokens.jsonl")

@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# A real Slurm cluster on one host, for CI and local tests: munged + slurmctld + two slurmd that
+# emulate the nodes n1 and n2 (Debian's slurm-wlm is built with multiple-slurmd support).
+#
+#   slurm/ci/cluster.sh start    # idempotent: reuses a healthy cluster, (re)starts anything missing
+#   slurm/ci/cluster.sh env      # prints `export SLURM_CONF=...` for the shell that submits jobs
+#   slurm/ci/cluster.sh status
+#   slurm/ci/cluster.sh stop     # stops only the daemons this script started (by their pid files)
+#
+# Everything lives in one state directory (config, keys, sockets, pid files, logs, spool), so the
+# cluster never touches /etc/slurm, /etc/munge or a munged/slurmd someone else runs on the host.
+# Settings that make it work without systemd or cgroups (see ../../shared/DESIGN.md, section 4):
+# proctrack/linuxproc (tracks a job's processes by parent pid), task/none, SlurmUser=root, all nodes
+# at NodeAddr=127.0.0.1 with their own slurmd port.
+#
+# Environment: GOPD_SLURM_CI_DIR (state directory, default ${TMPDIR:-/tmp}/gopd-slurm-ci-$UID),
+# GOPD_SLURM_CI_PORT (first of the three ports it uses, default 16817), GOPD_SLURM_CI_NODES
+# (number of emulated nodes, default 2), GOPD_SLURM_CI_CPUS (CPUs each node claims, default: nproc).
+set -euo pipefail
+
+STATE_DIR=${GOPD_SLURM_CI_DIR:-${TMPDIR:-/tmp}/gopd-slurm-ci-$(id -u)}
+PORT=${GOPD_SLURM_CI_PORT:-16817}
+NUM_NODES=${GOPD_SLURM_CI_NODES:-2}
+CPUS=${GOPD_SLURM_CI_CPUS:-$(nproc)}
+CONF="$STATE_DIR/slurm.conf"
+MUNGE_SOCKET="$STATE_DIR/munge/munge.socket"
+
+log() { printf '[slurm-ci] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+node_names() {
+    local i
+    for ((i = 1; i <= NUM_NODES; i++)); do printf 'n%d\n' "$i"; done
+}
+
+# A pid file whose process is alive (and is the daemon named, not a recycled pid).
+pid_alive() {
+    local pidfile=$1 name=$2 pid
+    [[ -s $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ -r /proc/$pid/comm ]] || return 1
+    [[ $(</proc/"$pid"/comm) == "$name"* ]]
+}
+
+require_tools() {
+    local t missing=()
+    for t in munged slurmctld slurmd sbatch scontrol; do
+        command -v "$t" >/dev/null || missing+=("$t")
+    done
+    ((${#missing[@]} == 0)) ||
+        die "missing ${missing[*]}: apt-get install slurmctld slurmd slurm-client munge"
+}
+
+write_config() {
+    mkdir -p "$STATE_DIR"/{munge,state,spool,log}
+    chmod 700 "$STATE_DIR" "$STATE_DIR/munge"
+    if [[ ! -s $STATE_DIR/munge/munge.key ]]; then
+        # a private key: jobs of this cluster only, never /etc/munge/munge.key
+        dd if=/dev/urandom of="$STATE_DIR/munge/munge.key" bs=1024 count=1 status=none
+        chmod 400 "$STATE_DIR/munge/munge.key"
+    fi
+    local nodes tmp name i=0
+    nodes=$(node_names | paste -sd, -)
+    tmp=$(mktemp "$STATE_DIR/slurm.conf.XXXXXX")
+    {
+        cat <<CONF
+# Written by slurm/ci/cluster.sh: a one-host test cluster.
+ClusterName=gopdci
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort=$PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+StateSaveLocation=$STATE_DIR/state
+SlurmdSpoolDir=$STATE_DIR/spool/%n
+SlurmctldPidFile=$STATE_DIR/slurmctld.pid
+SlurmdPidFile=$STATE_DIR/slurmd-%n.pid
+SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
+SlurmdLogFile=$STATE_DIR/log/slurmd-%n.log
+# no systemd, no cgroup v1/v2 delegation here: track job processes through their parent pids
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+# look at pending jobs every 2 s (default 60): a requeued job starts as soon as it may
+SchedulerParameters=sched_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+# short timers: a test cluster should kill, requeue and report jobs quickly. sbatch --wait
+# polls every 2 s only while 2 >= MinJobAge/2 (integer division; else every 8 s, then 32 s), and
+# a finished job stays visible for MinJobAge seconds: 5 lets a 2 s poll see it with 3 s to spare.
+KillWait=5
+MinJobAge=5
+SlurmdTimeout=60
+InactiveLimit=0
+CONF
+        for name in $(node_names); do
+            i=$((i + 1))
+            printf 'NodeName=%s NodeAddr=127.0.0.1 Port=%d CPUs=%d State=UNKNOWN\n' \
+                "$name" $((PORT + i)) "$CPUS"
+        done
+        printf 'PartitionName=debug Nodes=%s Default=YES MaxTime=INFINITE State=UP\n' "$nodes"
+    } >"$tmp"
+    if [[ -f $CONF ]] && ! cmp -s "$tmp" "$CONF" && daemons_alive; then
+        log "configuration changed: restarting the daemons"
+        cmd_stop
+    fi
+    mv "$tmp" "$CONF"
+}
+
+daemons_alive() {
+    local name
+    pid_alive "$STATE_DIR/slurmctld.pid" slurmctld && return 0
+    for name in $(node_names); do pid_alive "$STATE_DIR/slurmd-$name.pid" slurmd && return 0; done
+    return 1
+}
+
+start_munged() {
+    pid_alive "$STATE_DIR/munge/munged.pid" munged && return 0
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    # --force: munged refuses to start as root or with a socket outside /run/munge otherwise
+    munged --force --socket="$MUNGE_SOCKET" --key-file="$STATE_DIR/munge/munge.key" \
+        --pid-file="$STATE_DIR/munge/munged.pid" --log-file="$STATE_DIR/log/munged.log" \
+        --seed-file="$STATE_DIR/munge/munged.seed"
+}
+
+start_slurmctld() {
+    pid_alive "$STATE_DIR/slurmctld.pid" slurmctld && return 0
+    # -c: a cold start, forgetting jobs from an earlier run of this test cluster
+    slurmctld -c -f "$CONF"
+}
+
+start_slurmd() {
+    local name
+    for name in $(node_names); do
+        pid_alive "$STATE_DIR/slurmd-$name.pid" slurmd && continue
+        mkdir -p "$STATE_DIR/spool/$name"
+        slurmd -f "$CONF" -N "$name"
+    done
+}
+
+wait_ready() {
+    local deadline=$((SECONDS + 60)) idle
+    while ((SECONDS < deadline)); do
+        idle=$(SLURM_CONF=$CONF sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 == "idle"' | wc -l)
+        if ((idle == NUM_NODES)); then
+            log "ready: $NUM_NODES idle nodes (SLURM_CONF=$CONF)"
+            return 0
+        fi
+        sleep 1
+    done
+    SLURM_CONF=$CONF sinfo -N -l >&2 || true
+    die "nodes not idle after 60 s; logs in $STATE_DIR/log"
+}
+
+cmd_start() {
+    require_tools
+    write_config
+    start_munged
+    start_slurmctld
+    start_slurmd
+    wait_ready
+}
+
+stop_pidfile() {
+    local pidfile=$1 name=$2 pid i
+    pid_alive "$pidfile" "$name" || return 0
+    pid=$(<"$pidfile")
+    kill -TERM "$pid"
+    for ((i = 0; i < 50; i++)); do
+        pid_alive "$pidfile" "$name" || return 0
+        sleep 0.2
+    done
+    log "$name ($pid) ignored SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+cmd_stop() {
+    [[ -d $STATE_DIR ]] || return 0
+    local name
+    # cancel what is still queued so no slurmstepd outlives its slurmd
+    if pid_alive "$STATE_DIR/slurmctld.pid" slurmctld; then
+        SLURM_CONF=$CONF scancel --full --quiet --partition=debug 2>/dev/null || true
+    fi
+    for name in $(node_names); do
+        stop_pidfile "$STATE_DIR/slurmd-$name.pid" slurmd
+    done
+    stop_pidfile "$STATE_DIR/slurmctld.pid" slurmctld
+    stop_pidfile "$STATE_DIR/munge/munged.pid" munged
+    log "stopped (state kept in $STATE_DIR)"
+}
+
+cmd_status() {
+    local name rc=0
+    pid_alive "$STATE_DIR/munge/munged.pid" munged || { log "munged: down"; rc=1; }
+    pid_alive "$STATE_DIR/slurmctld.pid" slurmctld || { log "slurmctld: down"; rc=1; }
+    for name in $(node_names); do
+        pid_alive "$STATE_DIR/slurmd-$name.pid" slurmd || { log "slurmd $name: down"; rc=1; }
+    done
+    ((rc == 0)) && SLURM_CONF=$CONF sinfo -N
+    return "$rc"
+}
+
+case ${1:-} in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    env) printf 'export SLURM_CONF=%q\n' "$CONF" ;;
+    *)
+        printf 'usage: %s start|stop|status|env\n' "$0" >&2
+        exit 2
+        ;;
+esac
