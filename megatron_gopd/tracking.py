@@ -73,7 +73,9 @@ def sum_reports(reports: Iterable[dict[str, torch.Tensor]], group=None) -> dict[
         from megatron_gopd import platform
 
         dev = platform.device() if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        stacked = torch.stack([acc.get(k, torch.zeros(2, dtype=torch.float64)) for k in all_names]).to(dev)
+        stacked = torch.stack(
+            [acc.get(k, torch.zeros(2, dtype=torch.float64)) for k in all_names]
+        ).to(dev)
         dist.all_reduce(stacked, group=group)
         acc = dict(zip(all_names, stacked.cpu(), strict=True))
     return acc

@@ -184,7 +184,8 @@ class GOPDTrainer:
             self.opt.scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             self.start_step = int(state["step"])
-            log.info("resumed from %s at step %d", cfg.load, self.start_step)
+            if dist.get_rank() == 0:
+                log.info("resumed from %s at step %d", cfg.load, self.start_step)
         self.logger = MetricsLogger(
             cfg.run_dir, cfg.log, run_config=_flat(cfg), resume_step=self.start_step
         )
@@ -345,8 +346,11 @@ class GOPDTrainer:
             metrics = {f"train/{k}": v for k, v in finalize_report(summed).items()}
         if ps.get_pipeline_model_parallel_world_size() > 1:
             box = [metrics]
-            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                       group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast_object_list(
+                box,
+                src=ps.get_pipeline_model_parallel_last_rank(),
+                group=ps.get_pipeline_model_parallel_group(),
+            )
             metrics = box[0]
         return dict(metrics or {})
 
@@ -430,7 +434,11 @@ class GOPDTrainer:
         metrics["perf/tokens_per_s"] = samples_metrics.get("rollout/total_tokens", 0.0) / max(
             t_step, 1e-9
         )
-        metrics["counters/reference_sequences"] = float(self.counters["ref_logprobs_T_sequences"])
+        # sequences scored by the reference this step (0 for every step of a lambda == 1 run)
+        metrics["counters/reference_sequences"] = float(
+            self.counters.pop("ref_logprobs_T_sequences", 0)
+        )
+        self.counters.clear()
         self.logger.log(step, metrics)
         if dist.get_rank() == 0 and (
             step % self.cfg.log.log_interval == 0 or step == self.cfg.train_iters

@@ -207,8 +207,13 @@ def test_report_counts_reference_metrics_only_on_rows_that_have_a_reference():
     mask = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
     q = torch.tensor([[-0.5, -0.5], [-1.0, -2.0]])
     r = torch.tensor([[float("nan"), float("nan")], [-3.0, -3.0]])
-    rep = build_report({"implicit_reward": q - r, "teacher_logprob": q}, mask, torch.tensor([0, 1]),
-                       ["a", "b"], row_masks={"implicit_reward": torch.tensor([False, True])})
+    rep = build_report(
+        {"implicit_reward": q - r, "teacher_logprob": q},
+        mask,
+        torch.tensor([0, 1]),
+        ["a", "b"],
+        row_masks={"implicit_reward": torch.tensor([False, True])},
+    )
     out = finalize_report(rep)
     assert out["implicit_reward"] == pytest.approx(1.5)
     assert out["b/implicit_reward"] == pytest.approx(1.5) and "a/implicit_reward" not in out

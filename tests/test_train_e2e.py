@@ -8,7 +8,6 @@ assumed.
 
 import pytest
 
-from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.testing import run_distributed
 from tests.e2e_utils import make_world, read_metrics, train_args
 
@@ -58,8 +57,17 @@ def _check_common(save, steps=4):
         # rollout and trainer log-probs agree after each sync: the samples of step s come from the
         # weights pushed after step s-1 and are scored by the trainer with those same weights
         assert by_step[s]["train/rollout_abs_log_ratio"] < ROLLOUT_TOL
-        for key in ("train/loss", "train/kl_teacher", "train/entropy", "train/advantage_std",
-                    "time/rollout", "time/teacher", "time/update", "time/sync", "perf/tokens_per_s"):
+        for key in (
+            "train/loss",
+            "train/kl_teacher",
+            "train/entropy",
+            "train/advantage_std",
+            "time/rollout",
+            "time/teacher",
+            "time/update",
+            "time/sync",
+            "perf/tokens_per_s",
+        ):
             assert key in by_step[s], key
     assert (save / "latest").read_text().strip() == f"iter_{steps:07d}"
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
@@ -69,7 +77,9 @@ def _check_common(save, steps=4):
 @pytest.mark.slow
 def test_single_teacher_exopd_tp2(world, tmp_path):
     save = tmp_path / "exopd"
-    scored, built = _run(train_args(world, save, "--teacher-load", str(world["teacher"]), "--gopd-lambda", "1.25"))
+    scored, built = _run(
+        train_args(world, save, "--teacher-load", str(world["teacher"]), "--gopd-lambda", "1.25")
+    )
     by_step = _check_common(save)
     # ExOPD needs the reference: the student's initial checkpoint by default
     assert ("reference:default", str(world["student"])) in built
@@ -81,7 +91,9 @@ def test_single_teacher_exopd_tp2(world, tmp_path):
 @pytest.mark.slow
 def test_opd_runs_no_reference_forward(world, tmp_path):
     save = tmp_path / "opd"
-    scored, built = _run(train_args(world, save, "--teacher-load", str(world["teacher"]), "--gopd-lambda", "1"))
+    scored, built = _run(
+        train_args(world, save, "--teacher-load", str(world["teacher"]), "--gopd-lambda", "1")
+    )
     by_step = _check_common(save)
     assert not any(name.startswith("reference") for name, _ in built), "a reference model was built"
     assert not any(name.startswith("reference") for name, _, _ in scored), "a reference forward ran"
@@ -91,9 +103,18 @@ def test_opd_runs_no_reference_forward(world, tmp_path):
 @pytest.mark.slow
 def test_two_teachers_routed_by_domain(world, tmp_path):
     save = tmp_path / "multi"
-    args = train_args(world, save, "--teacher-load", f"math={world['teacher']}",
-                      "--teacher-load", f"code={world['teacher2']}",
-                      "--gopd-lambda", "math=1.25", "--gopd-lambda", "code=1.0")
+    args = train_args(
+        world,
+        save,
+        "--teacher-load",
+        f"math={world['teacher']}",
+        "--teacher-load",
+        f"code={world['teacher2']}",
+        "--gopd-lambda",
+        "math=1.25",
+        "--gopd-lambda",
+        "code=1.0",
+    )
     args[args.index("--prompt-data") + 1] = str(world["train2"])
     args[args.index("--eval-prompt-data") + 1] = str(world["eval2"])
     scored, built = _run(args)
@@ -104,10 +125,14 @@ def test_two_teachers_routed_by_domain(world, tmp_path):
         assert domains == [name.split(":")[1]]
     # lambda = 1 for code: the reference scores math samples only
     assert [d for n, d, _ in scored if n.startswith("reference")] and all(
-        d == ["math"] for n, d, _ in scored if n.startswith("reference"))
+        d == ["math"] for n, d, _ in scored if n.startswith("reference")
+    )
     for dom in ("math", "code"):
         assert f"train/{dom}/kl_teacher" in by_step[4]
-    assert "train/math/implicit_reward" in by_step[4] and "train/code/implicit_reward" not in by_step[4]
+    assert (
+        "train/math/implicit_reward" in by_step[4]
+        and "train/code/implicit_reward" not in by_step[4]
+    )
 
 
 @pytest.mark.slow
@@ -115,8 +140,16 @@ def test_reward_correction_pp2(world, tmp_path):
     """Strong-to-weak with reward correction: pi_ref = the teacher's pre-RL base (as large as the
     teacher), under pipeline parallelism."""
     save = tmp_path / "rc"
-    args = train_args(world, save, "--teacher-load", str(world["teacher"]), "--gopd-lambda", "1.25",
-                      "--ref-load", str(world["teacher_base"]))
+    args = train_args(
+        world,
+        save,
+        "--teacher-load",
+        str(world["teacher"]),
+        "--gopd-lambda",
+        "1.25",
+        "--ref-load",
+        str(world["teacher_base"]),
+    )
     args[args.index("--tensor-model-parallel-size") + 1] = "1"
     args += ["--pipeline-model-parallel-size", "2"]
     scored, built = _run(args)
@@ -129,8 +162,9 @@ def test_reward_correction_pp2(world, tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(world, tmp_path):
-    """4 steps straight vs 2 steps, a crash (SIGKILL of the torchrun job after the step-2
-    checkpoint), and a resume with --load: identical metrics at every step."""
+    """8 steps straight vs the same run killed (SIGKILL of the whole torchrun job, rollout server
+    included) once a checkpoint exists, then resumed with --load: identical metrics at every
+    step, including the steps recomputed after the checkpoint."""
     import os
     import signal
     import subprocess
@@ -138,30 +172,68 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     import time
     from pathlib import Path
 
+    steps = 8
     repo = Path(__file__).resolve().parents[1]
-    base = ["--teacher-load", str(world["teacher"]), "--gopd-lambda", "1.25", "--save-interval", "1"]
+    base = [
+        "--teacher-load",
+        str(world["teacher"]),
+        "--gopd-lambda",
+        "1.25",
+        "--save-interval",
+        "1",
+    ]
     straight = tmp_path / "straight"
-    _run(train_args(world, straight, *base))
+    _run(train_args(world, straight, *base, steps=steps))
 
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "megatron_gopd.train"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "megatron_gopd.train",
+    ]
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([*cmd, *train_args(world, crashed, *base, "--train-iters", "40")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    args = train_args(world, crashed, *base, steps=steps)
+    proc = subprocess.Popen(
+        [*cmd, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
-    while not ((crashed / "latest").is_file() and (crashed / "latest").read_text().strip() == "iter_0000002"):
+    while (
+        not (crashed / "latest").is_file()
+        or (crashed / "latest").read_text().strip() < "iter_0000002"
+    ):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no step-2 checkpoint within 10 minutes"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, rollout server included: a crash
+        time.sleep(0.05)
+    # a crash: every process of the job dies at once (torchrun's workers run in sessions of
+    # their own, so the process tree is walked rather than one process group signalled)
+    import psutil
+
+    job = psutil.Process(proc.pid)
+    victims = [job, *job.children(recursive=True)]
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
     proc.wait()
-    resumed = subprocess.run([*cmd, *train_args(world, crashed, *base, "--load", str(crashed))], env=env,
-                             capture_output=True, text=True, timeout=900)
+    killed_at = int((crashed / "latest").read_text().strip().split("_")[1])
+    assert 2 <= killed_at < steps, f"the run was not interrupted (checkpoint {killed_at})"
+    resumed = subprocess.run(
+        [*cmd, *args, "--load", str(crashed)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {crashed} at step {killed_at}" in resumed.stderr
     a, b = read_metrics(straight), read_metrics(crashed)
-    assert [x["step"] for x in b] == [0, 1, 2, 3, 4]  # steps after the checkpoint were recomputed
+    assert [x["step"] for x in b] == list(range(steps + 1))
     for x, y in zip(a, b, strict=True):
+        assert set(x) == set(y)
         for k in x:
             if not k.startswith(("time/", "perf/")):
                 assert x[k] == y[k], (x["step"], k, x[k], y[k])
