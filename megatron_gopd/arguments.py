@@ -173,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sglang-enable-memory-saver",
         action="store_true",
-        help="colocated runs: release SGLang's memory while training",
+        help="launch SGLang with --enable-memory-saver (implied by --rollout-colocate)",
+    )
+    g.add_argument(
+        "--rollout-colocate",
+        action="store_true",
+        help="the rollout servers share the training GPUs: release their memory while the "
+        "trainer works, resume it for weight sync and rollouts",
     )
     g.add_argument("--sglang-base-gpu-id", type=int, default=0)
     g.add_argument(
@@ -191,9 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpointing, evaluation, logging (Megatron-LM names)")
     g.add_argument("--save", help="directory for checkpoints and run outputs")
-    g.add_argument("--load", help="resume from this save directory (its latest iteration)")
+    g.add_argument(
+        "--load",
+        help="resume from this save directory (its latest iteration); a "
+        "directory without checkpoints starts a new run from --student-load, so a "
+        "requeued job can pass --load and --save the same directory",
+    )
     g.add_argument(
         "--save-interval", type=int, default=0, help="steps between checkpoints (0: end only)"
+    )
+    g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGTERM, finish the current step, save a checkpoint and exit 0 (time limits, "
+        "preemption; the Slurm launcher sends it)",
     )
     g.add_argument(
         "--eval-interval", type=int, default=0, help="steps between evaluations (0: never)"

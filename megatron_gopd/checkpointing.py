@@ -44,13 +44,23 @@ from megatron_gopd.models import (
 )
 from megatron_gopd.utils import GopdError, get_logger
 
-__all__ = ["iteration_dir", "load_training_checkpoint", "save_training_checkpoint"]
+__all__ = [
+    "has_checkpoint",
+    "iteration_dir",
+    "load_training_checkpoint",
+    "save_training_checkpoint",
+]
 
 log = get_logger(__name__)
 
 OPTIM_SUBDIR = "optim"
 RNG_SUBDIR = "rng"
 STATE_FILE = "trainer_state.json"
+
+
+def has_checkpoint(load: str | Path) -> bool:
+    """Does ``load`` hold a training checkpoint to resume from (a ``latest`` file)?"""
+    return (Path(load) / LATEST_FILE).is_file()
 
 
 def iteration_dir(save: str | Path, step: int) -> Path:

@@ -115,6 +115,7 @@ class RolloutConfig:
     sglang_mem_fraction_static: float = 0.6
     sglang_enable_memory_saver: bool = False
     sglang_base_gpu_id: int = 0
+    colocate: bool = False
     weight_sync: str = "distributed"
     weight_sync_bucket_mb: int = 512
     weight_sync_check: bool = False
@@ -175,6 +176,7 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int = 0
+    exit_signal_handler: bool = False
     eval_interval: int = 0
     eval_n_samples: int = 1
     extra: dict = field(default_factory=dict)
@@ -223,8 +225,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         timeout_s=args.rollout_timeout,
         sglang_tp_size=args.sglang_tp_size,
         sglang_mem_fraction_static=args.sglang_mem_fraction_static,
-        sglang_enable_memory_saver=args.sglang_enable_memory_saver,
+        sglang_enable_memory_saver=args.sglang_enable_memory_saver or args.rollout_colocate,
         sglang_base_gpu_id=args.sglang_base_gpu_id,
+        colocate=args.rollout_colocate,
         weight_sync=args.weight_sync,
         weight_sync_bucket_mb=args.weight_sync_bucket_mb,
         weight_sync_check=args.weight_sync_check,
@@ -308,6 +311,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         save=args.save,
         load=args.load,
         save_interval=args.save_interval,
+        exit_signal_handler=args.exit_signal_handler,
         eval_interval=args.eval_interval,
         eval_n_samples=args.eval_n_samples,
     )

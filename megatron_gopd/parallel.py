@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gopd import platform
+from megatron_gopd.utils import GopdError
 
 __all__ = ["ParallelConfig", "destroy", "init_distributed", "initialize"]
 
@@ -35,13 +36,14 @@ class ParallelConfig:
     def validate(self, world_size: int) -> None:
         mp = self.tp * self.pp
         if self.tp < 1 or self.pp < 1:
-            raise ValueError("tensor/pipeline model parallel sizes must be >= 1")
+            raise GopdError("tensor/pipeline model parallel sizes must be >= 1")
         if world_size % mp:
-            raise ValueError(
-                f"world size {world_size} is not divisible by TP*PP = {self.tp}*{self.pp} = {mp}"
+            raise GopdError(
+                f"{world_size} process(es) cannot hold TP*PP = {self.tp}*{self.pp} = {mp} model "
+                f"shards: launch a multiple of {mp} ranks (torchrun --nproc-per-node ...)"
             )
         if self.sequence_parallel and self.tp == 1:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+            raise GopdError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:

@@ -79,6 +79,8 @@ class RolloutSide:
             except GopdError as e:
                 error = str(e)
         _agree(error)
+        # colocated servers hold GPU memory from their launch: free it before models are built
+        self.release_memory()
 
     def _launch(self, role) -> None:
         """Export the student and start servers on it (engines that launch their own)."""
@@ -143,8 +145,24 @@ class RolloutSide:
             if self.cfg.rollout.engine != "external":
                 self._launch(role)
             self._connect()
+        self._resume_memory(["weights"])
         # samples are only taken from servers holding this version (see RolloutClient.sample)
         self.version = self.syncer.push(role).version
+        self._resume_memory(["kv_cache"])
+
+    # ------------------------------------------------------------------ colocated GPUs
+
+    def release_memory(self) -> None:
+        """``--rollout-colocate``: the servers free their weights and KV cache while the trainer
+        works (SGLang's ``/release_memory_occupation``, with ``--enable-memory-saver``)."""
+        if self.cfg.rollout.colocate and _rank0() and self.servers is not None:
+            from megatron_gopd.rollout import RolloutClient
+
+            (self.client or RolloutClient(self.servers.urls)).release_memory()
+
+    def _resume_memory(self, tags: list[str]) -> None:
+        if self.cfg.rollout.colocate and _rank0() and self.client is not None:
+            self.client.resume_memory(tags)
 
     # ------------------------------------------------------------------ sampling
 

@@ -52,11 +52,19 @@ def train(cfg: TrainConfig, rollout_factory=None) -> dict[str, float]:
                 trainer.sync_weights()
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
                 metrics.update(trainer.evaluate(step))
-            if (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.train_iters:
+            stop = trainer.stop_requested()  # SIGTERM with --exit-signal-handler
+            if (
+                (cfg.save_interval and step % cfg.save_interval == 0)
+                or step == cfg.train_iters
+                or stop
+            ):
                 trainer.save(step)
             metrics = trainer.log_step(
                 step, metrics, time.perf_counter() - t0, trainer.rollout_metrics(samples)
             )
+            if stop:
+                log.info("stopped after step %d on SIGTERM; the checkpoint resumes it", step)
+                break
     finally:
         trainer.close()
     return metrics

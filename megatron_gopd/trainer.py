@@ -16,6 +16,7 @@ its share. Tensor/pipeline-parallel ranks of a replica see the same samples.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -177,7 +178,18 @@ class GOPDTrainer:
         self.data = PromptIterator(PromptDataset(prompts), seed=cfg.seed)
         self.eval_prompts = eval_prompts
         self.start_step = 0
-        if cfg.load:
+        if (
+            cfg.load
+            and not checkpointing.has_checkpoint(cfg.load)
+            and not Path(cfg.load, "gopd_model.json").exists()
+        ):
+            if dist.get_rank() == 0:
+                log.info(
+                    "no checkpoint in %s yet: starting a new run from %s",
+                    cfg.load,
+                    cfg.models.student_load,
+                )
+        elif cfg.load:
             state = checkpointing.load_training_checkpoint(
                 cfg.load, model=self.student.model, optimizer=self.opt.optimizer
             )
@@ -186,6 +198,9 @@ class GOPDTrainer:
             self.start_step = int(state["step"])
             if dist.get_rank() == 0:
                 log.info("resumed from %s at step %d", cfg.load, self.start_step)
+        self._stop = False
+        if cfg.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self.logger = MetricsLogger(
             cfg.run_dir, cfg.log, run_config=_flat(cfg), resume_step=self.start_step
         )
@@ -220,6 +235,7 @@ class GOPDTrainer:
         samples = self.generate(
             prompts, n=self.cfg.rollout.n_samples_per_prompt, seed=self.cfg.seed * 100003 + step
         )
+        self.rollout.release_memory()  # colocated servers give the GPUs back to the trainer
         return self._my_share(samples)
 
     def _response_logprobs(self, role: RoleModel, samples: list[Sample]) -> list[torch.Tensor]:
@@ -445,6 +461,24 @@ class GOPDTrainer:
         ):
             log.info(format_step_line(step, self.cfg.train_iters, metrics))
         return metrics
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self._stop and dist.get_rank() == 0:
+            log.warning("SIGTERM: the run stops after this step, with a checkpoint")
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        """Any rank got SIGTERM (``--exit-signal-handler``): all ranks agree, so that they save
+        and leave together. One tiny all-reduce per step."""
+        if not self.cfg.exit_signal_handler:
+            return False
+        flag = torch.tensor([1.0 if self._stop else 0.0])
+        if dist.get_world_size() > 1:
+            from megatron_gopd import platform
+
+            flag = flag.to(platform.device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def close(self) -> None:
         self.logger.close()

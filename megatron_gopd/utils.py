@@ -23,6 +23,9 @@ def free_port() -> int:
 
 
 def get_logger(name: str = "megatron_gopd") -> logging.Logger:
+    # modules run with ``python -m`` are named "__main__": keep them under the package's handler
+    if name != "megatron_gopd" and not name.startswith("megatron_gopd."):
+        name = f"megatron_gopd.{name.strip('_') or 'main'}"
     logger = logging.getLogger(name)
     if not logging.getLogger("megatron_gopd").handlers:
         h = logging.StreamHandler(sys.stderr)

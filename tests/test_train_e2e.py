@@ -237,3 +237,70 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
         for k in x:
             if not k.startswith(("time/", "perf/")):
                 assert x[k] == y[k], (x["step"], k, x[k], y[k])
+
+
+def test_sigterm_saves_and_stops_then_resumes(world, tmp_path):
+    """What the Slurm launcher does before a time limit: SIGTERM to the training ranks. With
+    --exit-signal-handler the job finishes its step, saves, and exits 0; the same command (with
+    --load and --save on one directory, empty at first) then resumes and completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    steps = 30
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    args = train_args(
+        world,
+        run,
+        "--teacher-load",
+        str(world["teacher"]),
+        "--exit-signal-handler",
+        "--load",
+        str(run),
+        steps=steps,
+    )
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "megatron_gopd.train",
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while (
+        not (run / "metrics.jsonl").is_file()
+        or '"step": 1,' not in (run / "metrics.jsonl").read_text()
+    ):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ranks = [
+        p
+        for p in psutil.Process(proc.pid).children()
+        if "megatron_gopd.train" in " ".join(p.cmdline())
+    ]
+    assert len(ranks) == 2
+    for p in ranks:
+        p.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    stopped_at = int((run / "latest").read_text().strip().split("_")[1])
+    assert 1 <= stopped_at < steps
+    assert b"stopped after step" in err
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stderr
+    assert (run / "latest").read_text().strip() == f"iter_{steps:07d}"
+    assert [m["step"] for m in read_metrics(run)] == list(range(steps + 1))

@@ -1,0 +1,196 @@
+"""gopd-train's up-front validation: every user mistake is one clear error, before any model is
+built. One test per case named in the issue, plus the YAML config file."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_gopd.arguments import parse_args
+from megatron_gopd.config import build_config
+from megatron_gopd.utils import GopdError
+from tests.e2e_utils import make_world, train_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("validation"))
+
+
+def _validate(argv):
+    from megatron_gopd.trainer import load_tokenizer, validate_inputs
+
+    cfg = build_config(parse_args(argv))
+    return validate_inputs(cfg, load_tokenizer(cfg))
+
+
+def _args(world, tmp_path, *extra):
+    return train_args(world, tmp_path / "run", "--teacher-load", str(world["teacher"]), *extra)
+
+
+def test_valid_arguments_pass(world, tmp_path):
+    prompts, eval_prompts = _validate(_args(world, tmp_path))
+    assert len(prompts) == 64 and len(eval_prompts) == 16
+    assert prompts[0].metadata["answer"] and prompts[0].domain == "math"
+
+
+def test_domain_without_teacher(world, tmp_path):
+    argv = train_args(world, tmp_path / "run", "--teacher-load", f"math={world['teacher']}")
+    argv[argv.index("--prompt-data") + 1] = str(world["train2"])  # math and code prompts
+    with pytest.raises(
+        GopdError, match=r"train2.jsonl:2: domain 'code' has no teacher .*--teacher-load code=PATH"
+    ):
+        _validate(argv)
+
+
+@pytest.mark.parametrize("value", ["-0.5", "nan", "math=-1"])
+def test_negative_lambda(world, tmp_path, value):
+    with pytest.raises(GopdError, match="lambda must be >= 0"):
+        build_config(parse_args(_args(world, tmp_path, "--gopd-lambda", value)))
+
+
+def test_lambda_for_a_domain_without_teacher(world, tmp_path):
+    argv = train_args(
+        world,
+        tmp_path / "run",
+        "--teacher-load",
+        f"math={world['teacher']}",
+        "--gopd-lambda",
+        "code=1.25",
+    )
+    with pytest.raises(GopdError, match="names domain 'code', which has no teacher"):
+        build_config(parse_args(argv))
+
+
+def test_reference_required_but_missing(world, tmp_path):
+    missing = str(tmp_path / "no-such-base")
+    with pytest.raises(GopdError, match=f"checkpoint {missing} does not exist"):
+        _validate(_args(world, tmp_path, "--gopd-lambda", "1.25", "--ref-load", missing))
+    # with lambda == 1 the reference is never needed, so a missing one is not an error
+    _validate(_args(world, tmp_path, "--gopd-lambda", "1", "--ref-load", missing))
+
+
+def test_mismatched_vocabularies(world, tmp_path):
+    import shutil
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(world["teacher"], other)
+    meta = json.loads((other / "gopd_model.json").read_text())
+    meta["arch"]["vocab_size"], meta["arch"]["tokenizer_vocab_size"] = 512, 500
+    (other / "gopd_model.json").write_text(json.dumps(meta))
+    student_vocab = json.loads((world["student"] / "gopd_model.json").read_text())["arch"][
+        "tokenizer_vocab_size"
+    ]
+    argv = train_args(world, tmp_path / "run", "--teacher-load", str(other))
+    with pytest.raises(
+        GopdError, match=f"teacher vocabulary has 500 tokens, the student's has {student_vocab}"
+    ):
+        _validate(argv)
+
+
+@pytest.mark.parametrize(
+    "content,line,message",
+    [
+        ('{"prompt": "abc"}\n\n{"prompt": "cba"}\n', 2, "empty line"),
+        ('{"prompt": "abc"}\n{"prompt": "ab\n', 2, "not valid JSON"),
+        ('{"prompt": "abc"}\n[1, 2]\n', 2, "expected a JSON object"),
+        ('{"prompt": "abc", "messages": []}\n', 1, "exactly one of 'prompt'"),
+        ('{"prompt": ""}\n', 1, "non-empty string"),
+        ('{"messages": [{"role": "user"}]}\n', 1, "'messages' must be a non-empty list"),
+        ("", None, "is empty"),
+    ],
+)
+def test_malformed_dataset_lines(world, tmp_path, content, line, message):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(content)
+    argv = _args(world, tmp_path)
+    argv[argv.index("--prompt-data") + 1] = str(data)
+    where = f"{data}:{line}: " if line else ""
+    with pytest.raises(GopdError, match=f"{where}.*{message}" if where else message):
+        _validate(argv)
+
+
+_NO_MODELS = (
+    "import sys, megatron_gopd.trainer as T\n"
+    "def no(*a, **k): raise SystemExit('a model was built')\n"
+    "T.build_role = no\n"
+    "from megatron_gopd.train import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _cli_error(argv) -> str:
+    """Run the real CLI (a world of one) with model building forbidden; return its error line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MODELS, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_unreachable_server_fails_before_any_model_is_built(world, tmp_path):
+    argv = _args(
+        world,
+        tmp_path,
+        "--rollout-engine",
+        "external",
+        "--rollout-urls",
+        "http://127.0.0.1:9",
+        "--tensor-model-parallel-size",
+        "1",
+    )
+    assert _cli_error(argv) == "error: rollout server(s) http://127.0.0.1:9 do not answer /health"
+
+
+def test_too_few_processes_for_the_layout(world, tmp_path):
+    assert _cli_error(_args(world, tmp_path)).startswith(
+        "error: 1 process(es) cannot hold TP*PP = 2*1 = 2 model shards"
+    )
+
+
+def test_flag_level_errors(world, tmp_path):
+    with pytest.raises(
+        GopdError, match="--global-batch-size 5 must divide the rollout batch of 8 prompts x 2"
+    ):
+        build_config(parse_args(_args(world, tmp_path, "--global-batch-size", "5")))
+    with pytest.raises(GopdError, match="--rollout-engine external needs --rollout-urls"):
+        build_config(parse_args(_args(world, tmp_path, "--rollout-engine", "external")))
+    with pytest.raises(GopdError, match="--teacher-load is required"):
+        build_config(parse_args(train_args(world, tmp_path / "run")))
+
+
+def test_yaml_config_with_command_line_overrides(world, tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        f"student_load: {world['student']}\n"
+        f"teacher_load: [math={world['teacher']}, code={world['teacher2']}]\n"
+        "gopd_lambda: 1.25\n"
+        "lr: 2.0e-5\n"
+        "tensor_model_parallel_size: 2\n"
+        f"prompt_data: {world['train2']}\n"
+    )
+    cfg = build_config(parse_args(["--config", str(cfg_file), "--lr", "3e-5"]))
+    assert cfg.optim.lr == 3e-5  # the command line wins
+    assert cfg.parallel.tp == 2 and cfg.gopd.lam("math") == 1.25
+    assert cfg.models.teacher_loads == {
+        "math": str(world["teacher"]),
+        "code": str(world["teacher2"]),
+    }
+    # a list flag on the command line replaces the file's list
+    cfg = build_config(
+        parse_args(["--config", str(cfg_file), "--teacher-load", str(world["teacher"])])
+    )
+    assert cfg.models.teacher_loads == {"default": str(world["teacher"])}
+    cfg_file.write_text("tensor_model_parallel_sise: 2\n")
+    with pytest.raises(GopdError, match="unknown key"):
+        parse_args(["--config", str(cfg_file)])
