@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Make the inputs of the tiny CPU recipes: a tiny random Qwen3 HF model, its converted Megatron
-checkpoint, and a few token sequences to score.
+"""Make the inputs of the tiny CPU recipes.
 
-    python examples/tiny_cpu_prepare.py DIR     # writes DIR/hf, DIR/mcore, DIR/tokens.jsonl
+    python examples/tiny_cpu_prepare.py DIR
+
+tiny-cpu-score.sh: DIR/hf (a tiny random Qwen3), DIR/mcore (converted), DIR/tokens.jsonl.
+tiny-cpu-train.sh: DIR/student, DIR/teacher, DIR/teacher_base (converted checkpoints of tiny random
+models sharing a character tokenizer), DIR/train.jsonl and DIR/eval.jsonl (prompts).
 """
 
 import json
@@ -16,7 +19,7 @@ def prepare(out_dir: str) -> None:
     import torch
 
     from megatron_gopd.convert.checkpoint import convert_hf_to_megatron
-    from megatron_gopd.testing import TINY_DIMS, make_tiny_hf_model
+    from megatron_gopd.testing import TINY_DIMS, make_tiny_distillation_world, make_tiny_hf_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -27,10 +30,11 @@ def prepare(out_dir: str) -> None:
         for n in SEQUENCE_LENGTHS:
             ids = torch.randint(0, TINY_DIMS["vocab_size"], (n,), generator=g).tolist()
             f.write(json.dumps({"input_ids": ids, "prompt_len": 2}) + "\n")
+    make_tiny_distillation_world(out)
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     prepare(sys.argv[1])
-    print(f"wrote {sys.argv[1]}/hf, {sys.argv[1]}/mcore and {sys.argv[1]}/tokens.jsonl")
+    print(f"wrote the tiny models, checkpoints and data under {sys.argv[1]}")

@@ -12,6 +12,7 @@ configs; nothing below the driver sees the namespace.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--eval-prompt-data", help="jsonl of fixed evaluation prompts (same format)")
     g.add_argument("--apply-chat-template", action="store_true")
+    g.add_argument(
+        "--chat-template-kwargs",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="extra chat-template variables, e.g. '{\"enable_thinking\": false}' for Qwen3 "
+        "non-thinking models",
+    )
     g.add_argument("--max-prompt-len", type=int, default=1024)
     g.add_argument("--tokenizer", help="HF tokenizer directory (default: the student checkpoint's)")
 

@@ -145,6 +145,7 @@ class DataConfig:
     prompt_data: str
     eval_prompt_data: str | None = None
     apply_chat_template: bool = False
+    chat_template_kwargs: dict | None = None
     max_prompt_len: int = 1024
     tokenizer: str | None = None
 
@@ -278,6 +279,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             prompt_data=args.prompt_data,
             eval_prompt_data=args.eval_prompt_data,
             apply_chat_template=args.apply_chat_template,
+            chat_template_kwargs=args.chat_template_kwargs,
             max_prompt_len=args.max_prompt_len,
             tokenizer=args.tokenizer,
         ),

@@ -70,6 +70,7 @@ def load_prompts(
     apply_chat_template: bool,
     known_domains: set[str] | None = None,
     max_prompt_len: int | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[Prompt]:
     """Read and tokenize a prompt jsonl; one clear error (with the line number) per problem.
 
@@ -97,7 +98,11 @@ def load_prompts(
                 f"{', '.join(sorted(known_domains))}); add --teacher-load {domain}=PATH"
             )
         ids = tokenize_prompt(
-            rec, tokenizer, apply_chat_template=apply_chat_template, where=f"{path}:{lineno}"
+            rec,
+            tokenizer,
+            apply_chat_template=apply_chat_template,
+            where=f"{path}:{lineno}",
+            chat_template_kwargs=chat_template_kwargs,
         )
         if max_prompt_len is not None and len(ids) > max_prompt_len:
             raise GopdError(
@@ -112,7 +117,12 @@ def load_prompts(
 
 
 def tokenize_prompt(
-    rec: dict, tokenizer, *, apply_chat_template: bool, where: str = ""
+    rec: dict,
+    tokenizer,
+    *,
+    apply_chat_template: bool,
+    where: str = "",
+    chat_template_kwargs: dict | None = None,
 ) -> list[int]:
     if apply_chat_template:
         if getattr(tokenizer, "chat_template", None) is None:
@@ -120,7 +130,9 @@ def tokenize_prompt(
                 f"{where}: --apply-chat-template given but the tokenizer has no chat template"
             )
         msgs = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+        )
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)

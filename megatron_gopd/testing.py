@@ -240,3 +240,84 @@ def make_tiny_tokenizer(path, alphabet: str | None = None):
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(path))
     return fast
+
+
+# ---------------------------------------------------------------------------------- tiny G-OPD world
+
+
+TINY_ALPHABET = "abcdefgh "
+
+
+def _convert(hf_dir, out_dir):
+    from megatron_gopd.convert.checkpoint import convert_hf_to_megatron
+
+    convert_hf_to_megatron(hf_dir, out_dir)
+
+
+def _convert_here_or_in_a_fork(hf_dir, out_dir) -> None:
+    """Conversion sets up a process group of one; never leave one behind in a process that
+    forks ranks later (pytest), so convert in a forked rank unless one is already running here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        _convert(str(hf_dir), str(out_dir))
+    else:
+        run_distributed(_convert, 1, str(hf_dir), str(out_dir))
+
+
+def make_tiny_distillation_world(root) -> dict:
+    """Tokenizer + student (2 layers) + teacher and its "pre-RL base" (4 layers, wider) + data.
+
+    Random models: what the tests check (the reverse KL to the teacher falls, log-probs agree,
+    routing, resumption) does not need trained ones."""
+    from pathlib import Path
+
+    root = Path(root)
+    tok = make_tiny_tokenizer(root / "tok", alphabet=TINY_ALPHABET)
+    small = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=len(tok),
+        max_position_embeddings=64,
+    )
+    big = dict(small, hidden_size=64, intermediate_size=128, num_hidden_layers=4, head_dim=16)
+    paths = {}
+    for name, dims, seed in (
+        ("student", small, 1),
+        ("teacher", big, 2),
+        ("teacher2", big, 3),
+        ("teacher_base", big, 4),
+    ):
+        hf = root / "hf" / name
+        make_tiny_hf_model(hf, "qwen3", seed=seed, tied=True, **dims)
+        tok.save_pretrained(str(hf))
+        _convert_here_or_in_a_fork(hf, root / name)
+        paths[name] = root / name
+    import json
+    import random
+
+    rng = random.Random(0)
+
+    def lines(n, domains):
+        out = []
+        for i in range(n):
+            s = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6)))
+            out.append(
+                {"prompt": s, "answer": s[::-1], "domain": domains[i % len(domains)], "id": i}
+            )
+        return out
+
+    for name, n, domains in (
+        ("train", 64, ["math"]),
+        ("eval", 16, ["math"]),
+        ("train2", 64, ["math", "code"]),
+        ("eval2", 16, ["math", "code"]),
+    ):
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines(n, domains)))
+        paths[name] = path
+    return paths

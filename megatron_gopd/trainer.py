@@ -94,6 +94,7 @@ def validate_inputs(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Pro
         apply_chat_template=cfg.data.apply_chat_template,
         known_domains=teacher_domains,
         max_prompt_len=cfg.data.max_prompt_len,
+        chat_template_kwargs=cfg.data.chat_template_kwargs,
     )
     eval_prompts = None
     if cfg.data.eval_prompt_data:
@@ -103,6 +104,7 @@ def validate_inputs(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Pro
             apply_chat_template=cfg.data.apply_chat_template,
             known_domains=teacher_domains,
             max_prompt_len=cfg.data.max_prompt_len,
+            chat_template_kwargs=cfg.data.chat_template_kwargs,
         )
     domains = {p.domain for p in prompts} | {p.domain for p in eval_prompts or []}
     for d in sorted(domains):

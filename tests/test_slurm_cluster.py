@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "tests" / "slurm_support"
 CI_SITE = ROOT / "slurm" / "ci" / "site.sh"
 # The CI run of the launcher. To run the trainer instead, point this at its tiny CPU recipe.
-TINY_RECIPE = ROOT / "examples" / "tiny-cpu-score.sh"
+TINY_RECIPE = ROOT / "examples" / "tiny-cpu-train.sh"
 
 pytestmark = [
     pytest.mark.slurm,
@@ -175,6 +175,8 @@ def test_tiny_cpu_run_on_two_nodes(slurm_env, tmp_path):
     assert "training step ended with status 0" in batch
     if TINY_RECIPE.name == "tiny-cpu-score.sh":
         check_scores(tiny)
+    else:
+        check_training(tiny)
     print(f"tiny CPU run: job {job}, {elapsed:.1f} s from sbatch to exit status")
 
 
@@ -186,6 +188,18 @@ def check_scores(tiny: Path) -> None:
     for rec, ref in zip(scored, expected, strict=True):
         assert len(rec["logprobs"]) == len(ref)
         assert max(abs(a - b) for a, b in zip(rec["logprobs"], ref, strict=True)) < 1e-4
+
+
+def check_training(tiny: Path) -> None:
+    """The two nodes trained together: every step logged, the final checkpoint written, and the
+    reverse KL to the teacher on the evaluation prompts went down."""
+    metrics = [
+        json.loads(line) for line in (tiny / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert (tiny / "run" / "latest").read_text().strip() == "iter_0000003"
+    assert metrics[-1]["eval/reverse_kl"] < metrics[0]["eval/reverse_kl"]
+    assert all(m["train/rollout_abs_log_ratio"] < 1e-4 for m in metrics[1:])
 
 
 # ---------------------------------------------------------------------------------- failure

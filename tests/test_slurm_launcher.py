@@ -1,7 +1,7 @@
 """The Slurm launcher without a cluster: dry runs (the exact commands of every node), recipe
 validation, and shellcheck. The runs on a real Slurm are in ``test_slurm_cluster.py``.
 
-The golden file ``tests/data/slurm/dryrun-qwen3-4b-colocated.txt`` is the dry run of a 4-node
+The golden file ``tests/data/slurm/dryrun-exopd-qwen3-4b.txt`` is the dry run of a 4-node
 GPU job (8 GPUs per node, colocated SGLang servers, pyxis container, InfiniBand). After an
 intended change to the launcher, regenerate it with ``GOPD_UPDATE_GOLDEN=1 pytest
 tests/test_slurm_launcher.py`` and review the diff.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "data" / "slurm" / "dryrun-qwen3-4b-colocated.txt"
+GOLDEN = ROOT / "tests" / "data" / "slurm" / "dryrun-exopd-qwen3-4b.txt"
 EXAMPLE_SITE = "slurm/sites/example-pyxis.sh"
 SHELL_FILES = [
     *sorted((ROOT / "slurm").rglob("*.sh")),
@@ -81,7 +81,7 @@ def commands(section: str, program: str) -> list[str]:
 
 
 def test_dry_run_of_a_4_node_gpu_job_is_the_golden_one():
-    text = gpu_dry_run("examples/gopd-qwen3-4b-colocated.sh")
+    text = gpu_dry_run("examples/exopd-qwen3-4b.sh")
     if os.environ.get("GOPD_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(text)
@@ -89,7 +89,7 @@ def test_dry_run_of_a_4_node_gpu_job_is_the_golden_one():
 
 
 def test_dry_run_of_a_4_node_gpu_job_starts_colocated_servers_and_torchrun_on_every_node():
-    text = gpu_dry_run("examples/gopd-qwen3-4b-colocated.sh")
+    text = gpu_dry_run("examples/exopd-qwen3-4b.sh")
     submit = commands(text, "sbatch")[0]
     for option in ("--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--account=my-project"):
         assert option in submit
@@ -102,13 +102,14 @@ def test_dry_run_of_a_4_node_gpu_job_starts_colocated_servers_and_torchrun_on_ev
 
     nodes = node_sections(text)
     assert sorted(nodes) == [0, 1, 2, 3]
-    all_urls = [f"http://node00{n}:{30000 + 10 * j}" for n in range(1, 5) for j in range(4)]
+    # one GPU per Qwen3-4B server (examples/models/qwen3-4b.sh): 8 servers per node
+    all_urls = [f"http://node00{n}:{30000 + 10 * j}" for n in range(1, 5) for j in range(8)]
     for n, section in nodes.items():
         servers = commands(section, "python -m sglang.launch_server")
-        assert len(servers) == 4
+        assert len(servers) == 8
         for j, server in enumerate(servers):
             assert f"--port {30000 + 10 * j} " in server
-            assert f"--base-gpu-id {2 * j} " in server and "--tp-size 2 " in server
+            assert f"--base-gpu-id {j} " in server and "--tp-size 1 " in server
             assert "--enable-memory-saver" in server
             assert server.endswith(f"node{n}-node00{n + 1}-server{j}.log 2>&1 &")
         (torchrun,) = commands(section, "python -m torch.distributed.run")
@@ -120,14 +121,15 @@ def test_dry_run_of_a_4_node_gpu_job_starts_colocated_servers_and_torchrun_on_ev
 
 
 def test_dry_run_of_a_disaggregated_job_puts_the_servers_on_their_own_nodes():
-    text = gpu_dry_run("examples/gopd-qwen3-4b-disaggregated.sh")
+    text = gpu_dry_run("examples/exopd-qwen3-4b-disaggregated.sh")
     assert "--nodes=4" in commands(text, "sbatch")[0]
     rollout_srun, train_srun = commands(text, "srun")
     assert "--job-name=gopd-rollout" in rollout_srun and "--relative=2" in rollout_srun
     assert rollout_srun.endswith(" &")
     assert "--job-name=gopd-train" in train_srun and "--nodes=2" in train_srun
     nodes = node_sections(text)
-    urls = [f"http://node00{n}:{30000 + 10 * j}" for n in (3, 4) for j in range(4)]
+    # 8 GPUs per rollout node, one GPU per Qwen3-4B server (examples/models/qwen3-4b.sh)
+    urls = [f"http://node00{n}:{30000 + 10 * j}" for n in (3, 4) for j in range(8)]
     for n in (0, 1):
         assert not commands(nodes[n], "python -m sglang")
         (torchrun,) = commands(nodes[n], "python -m torch.distributed.run")
@@ -135,7 +137,7 @@ def test_dry_run_of_a_disaggregated_job_puts_the_servers_on_their_own_nodes():
         assert torchrun.endswith("--rollout-urls " + " ".join(urls))
     for n in (2, 3):
         servers = commands(nodes[n], "python -m sglang.launch_server")
-        assert len(servers) == 4 and not any("--enable-memory-saver" in s for s in servers)
+        assert len(servers) == 8 and not any("--enable-memory-saver" in s for s in servers)
         assert not commands(nodes[n], "python -m torch.distributed.run")
 
 
@@ -188,7 +190,7 @@ def test_arguments_after_the_recipe_are_appended_to_its_args():
 )
 def test_recipe_mistakes_are_reported_before_anything_is_submitted(sets, message):
     options = [x for s in sets for x in ("--set", s)]
-    out = dry_run("examples/gopd-qwen3-4b-colocated.sh", *options)
+    out = dry_run("examples/exopd-qwen3-4b.sh", *options)
     assert out.returncode == 2
     assert message in out.stderr
 
@@ -236,3 +238,62 @@ def test_launcher_scripts_are_shellcheck_clean():
         timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe,lambdas,teachers,refs",
+    [
+        (
+            "exopd-qwen3-4b.sh",
+            {"default": 1.25},
+            {"default": "Qwen3-4B-math-teacher"},
+            {"default": "Qwen3-4B"},
+        ),
+        (
+            "exopd-qwen3-4b-multi-teacher.sh",
+            {"default": 1.25},
+            {"math": "Qwen3-4B-math-teacher", "code": "Qwen3-4B-code-teacher"},
+            {"default": "Qwen3-4B"},
+        ),
+        (
+            "exopd-qwen3-1.7b-strong-to-weak.sh",
+            {"default": 1.25},
+            {"default": "Qwen3-4B-math-teacher"},
+            {"default": "Qwen3-1.7B"},
+        ),
+        (
+            "exopd-qwen3-1.7b-reward-correction.sh",
+            {"default": 1.25},
+            {"default": "Qwen3-4B-math-teacher"},
+            {"default": "Qwen3-4B"},
+        ),
+        (
+            "exopd-qwen3-4b-disaggregated.sh",
+            {"default": 1.25},
+            {"default": "Qwen3-4B-math-teacher"},
+            {"default": "Qwen3-4B"},
+        ),
+    ],
+)
+def test_paper_recipes_are_valid_trainer_commands(recipe, lambdas, teachers, refs):
+    """What node 0 would run is accepted by gopd-train's own parser and flag checks, and sets up
+    the paper setting the recipe is named after."""
+    import shlex
+
+    from megatron_gopd.arguments import parse_args
+    from megatron_gopd.config import build_config
+
+    text = gpu_dry_run(f"examples/{recipe}")
+    (torchrun,) = commands(node_sections(text)[0], "python -m torch.distributed.run")
+    argv = shlex.split(torchrun.split("-m megatron_gopd.train", 1)[1])
+    cfg = build_config(parse_args(argv))
+    name = lambda p: p.rsplit("/", 1)[-1]  # noqa: E731
+    assert cfg.gopd.lambdas == lambdas
+    assert {k: name(v) for k, v in cfg.models.teacher_loads.items()} == teachers
+    assert {k: name(v) for k, v in cfg.models.ref_loads.items()} == refs
+    assert cfg.optim.lr == 1e-5 and cfg.optim.lr_decay_style == "constant"
+    assert cfg.rollout.temperature == 1.0 and cfg.updates_per_step == 1
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    assert cfg.rollout.engine == "external" and len(cfg.rollout.urls) >= 16
+    assert cfg.rollout.colocate == ("disaggregated" not in recipe)
+    assert cfg.exit_signal_handler and cfg.load == cfg.save

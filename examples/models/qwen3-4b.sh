@@ -1,24 +1,14 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034  # read by the recipes that source this file
-# Qwen3-4B in Megatron-LM's flag names (from the HF config.json: 36 layers, hidden 2560,
-# FFN 9728, 32 query heads / 8 KV groups of 128 channels, tied embeddings, rope base 1e6).
-# Converted checkpoints carry their architecture (gopd_model.json); these flags are for tools that
-# want it spelled out, and the trainer checks them against the checkpoint.
-MODEL_ARGS=(
-    --num-layers 36
-    --hidden-size 2560
-    --ffn-hidden-size 9728
-    --num-attention-heads 32
-    --group-query-attention
-    --num-query-groups 8
-    --kv-channels 128
-    --qk-layernorm
-    --swiglu
-    --normalization RMSNorm
-    --norm-epsilon 1e-6
-    --disable-bias-linear
-    --position-embedding-type rope
-    --rotary-base 1000000
-    --vocab-size 151936
-    --max-position-embeddings 40960
+# Qwen3-4B (36 layers, hidden 2560, FFN 9728, 32 query / 8 KV heads of 128, tied embeddings).
+# The architecture travels in the converted checkpoint (gopd_model.json), so nothing here repeats
+# it: an architecture file says how to lay the model out for training and how to serve it.
+MODEL_NAME=Qwen3-4B
+# TP 2 keeps a 4B student + optimizer state + a 4B teacher and reference comfortably in 80 GB
+MODEL_LAYOUT_ARGS=(
+    --tensor-model-parallel-size 2
+    --pipeline-model-parallel-size 1
+    --micro-batch-size 1
 )
+MODEL_ROLLOUT_GPUS_PER_SERVER=1 # SGLang --tp-size: 4B fits one GPU
+MODEL_ROLLOUT_SERVER_ARGS=(--context-length 16384 --dtype bfloat16)
