@@ -21,6 +21,7 @@ ARGS=(
     --prompt-data "$TINY_DIR/train.jsonl"
     --eval-prompt-data "$TINY_DIR/eval.jsonl"
     --eval-interval 3
+    --eval-grader exact
     --apply-chat-template
     --rollout-engine cpu
     --rollout-batch-size 8

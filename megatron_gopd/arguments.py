@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-interval", type=int, default=0, help="steps between evaluations (0: never)"
     )
     g.add_argument("--eval-n-samples", type=int, default=1)
+    g.add_argument(
+        "--eval-grader",
+        choices=["math", "exact"],
+        default="math",
+        help="how evaluation prompts' 'answer' is checked: math-verify on the last \\boxed{} "
+        "(math), or the whole response equal to the answer (exact)",
+    )
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
     g.add_argument("--wandb-project")

@@ -180,6 +180,7 @@ class TrainConfig:
     exit_signal_handler: bool = False
     eval_interval: int = 0
     eval_n_samples: int = 1
+    eval_grader: str = "math"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -316,6 +317,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         exit_signal_handler=args.exit_signal_handler,
         eval_interval=args.eval_interval,
         eval_n_samples=args.eval_n_samples,
+        eval_grader=args.eval_grader,
     )
     cfg.gopd.loss_config()  # the loss flags (OPD+ included) are checked here, not mid-run
     return cfg

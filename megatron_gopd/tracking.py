@@ -102,6 +102,10 @@ class MetricsLogger:
             return
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if run_config is not None:  # what the run was asked to do (plots read lambda here)
+                (run_dir / "run_config.json").write_text(
+                    json.dumps(run_config, indent=2, sort_keys=True, default=str)
+                )
             path = run_dir / "metrics.jsonl"
             if resume_step and path.exists():
                 _truncate_after(path, resume_step)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -204,7 +203,7 @@ class GOPDTrainer:
         if cfg.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self.logger = MetricsLogger(
-            cfg.run_dir, cfg.log, run_config=_flat(cfg), resume_step=self.start_step
+            cfg.run_dir, cfg.log, run_config=dataclasses.asdict(cfg), resume_step=self.start_step
         )
         # the servers start from the student's weights as they are now (initial or resumed)
         with self.timer("sync"):
@@ -434,7 +433,7 @@ class GOPDTrainer:
             for s in mine:
                 if "answer" in s.metadata:
                     text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
-                    acc[2] += float(text.strip() == str(s.metadata["answer"]).strip())
+                    acc[2] += float(self._correct(text, str(s.metadata["answer"])))
                     acc[3] += 1
             if self.dp[1] > 1:
                 dist.all_reduce(acc, group=_ps().get_data_parallel_group())
@@ -443,6 +442,13 @@ class GOPDTrainer:
             out["eval/accuracy"] = (acc[2] / acc[3]).item()
         out["eval/response_len"] = acc[1].item() / max(len(samples), 1)
         return out
+
+    def _correct(self, response: str, answer: str) -> bool:
+        if self.cfg.eval_grader == "exact":
+            return response.strip() == answer.strip()
+        from megatron_gopd.evaluation.math_grader import grade_math
+
+        return grade_math(response, answer).correct
 
     def log_step(
         self, step: int, metrics: dict[str, float], t_step: float, samples_metrics: dict[str, float]
@@ -485,18 +491,3 @@ class GOPDTrainer:
     def close(self) -> None:
         self.logger.close()
         self.rollout.shutdown()
-
-
-def _flat(cfg: TrainConfig) -> dict:
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out.update({f"{f.name}.{k}": str(x) for k, x in dataclasses.asdict(v).items()})
-        else:
-            out[f.name] = str(v)
-    return out
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -26,6 +26,8 @@ def train_args(w: dict[str, Path], save: Path, *extra: str, steps: int = 4) -> l
         str(steps),
         "--eval-n-samples",
         "2",
+        "--eval-grader",
+        "exact",
         "--apply-chat-template",
         "--rollout-engine",
         "cpu",

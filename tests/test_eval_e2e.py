@@ -202,9 +202,37 @@ def test_cli(tiny, tmp_path, capsys):
     out = ["--output-dir", str(tmp_path / "y"), "--benchmark", BENCHMARKS[0]]
     for model_args, msg in [
         (["--hf-model", str(tmp_path / "missing")], "cannot load a tokenizer"),
-        ([], "exactly one of --hf-model DIR and --rollout-urls"),
+        ([], "exactly one of --hf-model DIR, --load MCORE and --rollout-urls"),
         (["--hf-model", str(path), "--rollout-urls", "http://127.0.0.1:1"], "exactly one of"),
         (["--rollout-urls", "http://127.0.0.1:1"], "--rollout-urls needs --tokenizer"),
     ]:
         assert main([*model_args, *out]) == 2
         assert msg in capsys.readouterr().err
+
+
+def _convert(hf_dir, out_dir):
+    from megatron_gopd.convert.checkpoint import convert_hf_to_megatron
+
+    convert_hf_to_megatron(hf_dir, out_dir)
+
+
+def _eval_main(argv):
+    return main(argv)
+
+
+def test_load_a_megatron_checkpoint_gives_the_hf_models_results(tiny, tmp_path):
+    """gopd-eval --load MCORE exports the checkpoint and evaluates it: same records as --hf-model
+    on the model it was converted from (greedy)."""
+    from megatron_gopd.testing import run_distributed
+
+    path, _ = tiny
+    run_distributed(_convert, 1, str(path), str(tmp_path / "mcore"))
+    common = ["--n-samples", "1", "--temperature", "0", "--max-new-tokens", "4",
+              "--benchmark", BENCHMARKS[0], "--limit", "2"]
+    assert main(["--hf-model", str(path), "--output-dir", str(tmp_path / "hf"), *common]) == 0
+    # in a forked rank: the export sets up (and tears down) a process group of one
+    (rc,) = run_distributed(_eval_main, 1, ["--load", str(tmp_path / "mcore"),
+                                            "--output-dir", str(tmp_path / "mc"), *common])
+    assert rc == 0
+    assert (tmp_path / "mc" / "model_hf" / "config.json").is_file()
+    assert records(tmp_path / "mc") == records(tmp_path / "hf")

@@ -109,7 +109,7 @@ def supervised_train(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return loss.item()
 
 
 @torch.no_grad()

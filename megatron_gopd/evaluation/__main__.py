@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from megatron_gopd.evaluation.benchmarks import BenchmarkSpec, load_benchmark
 from megatron_gopd.evaluation.evaluate import EvalConfig, evaluate
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (one of)")
     g.add_argument(
         "--hf-model", help="HF checkpoint dir: generate in this process with transformers"
+    )
+    g.add_argument(
+        "--load",
+        metavar="MCORE",
+        help="a megatron_gopd checkpoint or trainer save dir (exported to HF first)",
     )
     g.add_argument("--rollout-urls", nargs="+", metavar="URL",
                    help="running SGLang (or CPU) servers: generate through the rollout client")  # fmt: skip
@@ -91,8 +97,20 @@ def build_generator(args: argparse.Namespace):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if bool(args.hf_model) == bool(args.rollout_urls):
-        raise GopdError("pass exactly one of --hf-model DIR and --rollout-urls URL ...")
+    if sum(map(bool, (args.hf_model, args.rollout_urls, args.load))) != 1:
+        raise GopdError(
+            "pass exactly one of --hf-model DIR, --load MCORE and --rollout-urls URL ..."
+        )
+    if args.load:
+        # a Megatron checkpoint (converted or trained): export it once next to the results, then
+        # generate in-process like --hf-model (serve the export with SGLang for big models)
+        from megatron_gopd.convert.checkpoint import convert_megatron_to_hf
+        from megatron_gopd.models import resolve_checkpoint
+
+        export = Path(args.output_dir) / "model_hf"
+        if not (export / "config.json").is_file():
+            convert_megatron_to_hf(resolve_checkpoint(args.load), export)
+        args.hf_model = str(export)
     tok_path = args.tokenizer or args.hf_model
     if not tok_path:
         raise GopdError("--rollout-urls needs --tokenizer DIR (the served model's tokenizer)")
