@@ -75,6 +75,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(runs: dict[str, list[dict]], out: str | Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
@@ -93,12 +102,7 @@ def plot_curves(runs: dict[str, list[dict]], out: str | Path) -> Path:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_lambda_sweep(points: dict[float, list[dict]], out: str | Path) -> Path:
@@ -118,12 +122,7 @@ def plot_lambda_sweep(points: dict[float, list[dict]], out: str | Path) -> Path:
         ax.set(title=f"{title} at the end vs lambda", xlabel="lambda", ylabel=ylabel)
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 @cli_errors

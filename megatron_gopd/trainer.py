@@ -87,24 +87,19 @@ def validate_inputs(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Pro
     teacher_domains = (
         None if "default" in cfg.models.teacher_loads else set(cfg.models.teacher_loads)
     )
-    prompts = load_prompts(
-        cfg.data.prompt_data,
-        tokenizer,
-        apply_chat_template=cfg.data.apply_chat_template,
-        known_domains=teacher_domains,
-        max_prompt_len=cfg.data.max_prompt_len,
-        chat_template_kwargs=cfg.data.chat_template_kwargs,
-    )
-    eval_prompts = None
-    if cfg.data.eval_prompt_data:
-        eval_prompts = load_prompts(
-            cfg.data.eval_prompt_data,
+
+    def load(path):
+        return load_prompts(
+            path,
             tokenizer,
             apply_chat_template=cfg.data.apply_chat_template,
             known_domains=teacher_domains,
             max_prompt_len=cfg.data.max_prompt_len,
             chat_template_kwargs=cfg.data.chat_template_kwargs,
         )
+
+    prompts = load(cfg.data.prompt_data)
+    eval_prompts = load(cfg.data.eval_prompt_data) if cfg.data.eval_prompt_data else None
     domains = {p.domain for p in prompts} | {p.domain for p in eval_prompts or []}
     for d in sorted(domains):
         if cfg.gopd.lam(d) != 1.0:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from megatron_gopd.testing import make_tiny_distillation_world
 
-__all__ = ["make_world", "read_metrics", "train_args"]
+__all__ = ["make_world", "read_metrics", "torchrun_env", "torchrun_train", "train_args"]
 
 
 def make_world(root: Path) -> dict[str, Path]:
@@ -56,3 +58,25 @@ def train_args(w: dict[str, Path], save: Path, *extra: str, steps: int = 4) -> l
 
 def read_metrics(save: Path) -> list[dict]:
     return [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun_train(args: list[str], nproc: int = 2) -> list[str]:
+    """A real ``torchrun ... -m megatron_gopd.train ARGS`` command line."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "megatron_gopd.train",
+        *args,
+    ]
+
+
+def torchrun_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -227,12 +227,25 @@ def test_load_a_megatron_checkpoint_gives_the_hf_models_results(tiny, tmp_path):
 
     path, _ = tiny
     run_distributed(_convert, 1, str(path), str(tmp_path / "mcore"))
-    common = ["--n-samples", "1", "--temperature", "0", "--max-new-tokens", "4",
-              "--benchmark", BENCHMARKS[0], "--limit", "2"]
+    common = [
+        "--n-samples",
+        "1",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--benchmark",
+        BENCHMARKS[0],
+        "--limit",
+        "2",
+    ]
     assert main(["--hf-model", str(path), "--output-dir", str(tmp_path / "hf"), *common]) == 0
     # in a forked rank: the export sets up (and tears down) a process group of one
-    (rc,) = run_distributed(_eval_main, 1, ["--load", str(tmp_path / "mcore"),
-                                            "--output-dir", str(tmp_path / "mc"), *common])
+    (rc,) = run_distributed(
+        _eval_main,
+        1,
+        ["--load", str(tmp_path / "mcore"), "--output-dir", str(tmp_path / "mc"), *common],
+    )
     assert rc == 0
     assert (tmp_path / "mc" / "model_hf" / "config.json").is_file()
     assert records(tmp_path / "mc") == records(tmp_path / "hf")

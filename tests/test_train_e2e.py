@@ -9,7 +9,7 @@ assumed.
 import pytest
 
 from megatron_gopd.testing import run_distributed
-from tests.e2e_utils import make_world, read_metrics, train_args
+from tests.e2e_utils import make_world, read_metrics, torchrun_env, torchrun_train, train_args
 
 ROLLOUT_TOL = 1e-4  # |log pi_rollout - log pi_trainer| after a sync (fp32; measured ~1e-6)
 
@@ -165,15 +165,11 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     """8 steps straight vs the same run killed (SIGKILL of the whole torchrun job, rollout server
     included) once a checkpoint exists, then resumed with --load: identical metrics at every
     step, including the steps recomputed after the checkpoint."""
-    import os
     import signal
     import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     steps = 8
-    repo = Path(__file__).resolve().parents[1]
     base = [
         "--teacher-load",
         str(world["teacher"]),
@@ -185,21 +181,11 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     straight = tmp_path / "straight"
     _run(train_args(world, straight, *base, steps=steps))
 
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "megatron_gopd.train",
-    ]
+    env = torchrun_env()
     crashed = tmp_path / "crashed"
     args = train_args(world, crashed, *base, steps=steps)
     proc = subprocess.Popen(
-        [*cmd, *args],
+        torchrun_train(args),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -226,7 +212,11 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     killed_at = int((crashed / "latest").read_text().strip().split("_")[1])
     assert 2 <= killed_at < steps, f"the run was not interrupted (checkpoint {killed_at})"
     resumed = subprocess.run(
-        [*cmd, *args, "--load", str(crashed)], env=env, capture_output=True, text=True, timeout=900
+        torchrun_train([*args, "--load", str(crashed)]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {crashed} at step {killed_at}" in resumed.stderr
@@ -243,17 +233,13 @@ def test_sigterm_saves_and_stops_then_resumes(world, tmp_path):
     """What the Slurm launcher does before a time limit: SIGTERM to the training ranks. With
     --exit-signal-handler the job finishes its step, saves, and exits 0; the same command (with
     --load and --save on one directory, empty at first) then resumes and completes."""
-    import os
     import signal
     import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     import psutil
 
     steps = 30
-    repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     args = train_args(
         world,
@@ -265,18 +251,7 @@ def test_sigterm_saves_and_stops_then_resumes(world, tmp_path):
         str(run),
         steps=steps,
     )
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "megatron_gopd.train",
-        *args,
-    ]
+    env, cmd = torchrun_env(), torchrun_train(args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
     while (
