@@ -249,6 +249,16 @@ def main(argv=None) -> int:
     (work / "results.md").write_text(text + "\n")
     print()
     print(text)
+    try:
+        from megatron_gopd import plots
+
+        runs = {
+            ("OPD" if n == "opd" else "ExOPD"): plots.load_metrics(work / "runs" / n)
+            for n, *_ in rows
+        }
+        print(f"training curves: {plots.plot_curves(runs, work / 'curves.png')}")
+    except GopdError as e:  # matplotlib is in the [eval] / [test] extras
+        print(f"(no plot: {e})")
     print(f"\n(total {time.perf_counter() - t_all:.0f}s; logs and metrics under {work})")
     return 0
 
