@@ -53,6 +53,7 @@ EXTRAS = {
     "test": [
         "pytest>=8.0",
         "pytest-timeout>=2.3",
+        "wandb>=0.17",  # the offline-mode test of the W&B sink
         *EVAL,
     ],
     "wandb": ["wandb>=0.17"],
