@@ -54,6 +54,11 @@ __all__ = [
 log = get_logger(__name__)
 
 OPTIM_SUBDIR = "optim"
+# How the distributed optimizer's state is sharded in the checkpoint: Megatron-LM's default, fast to
+# write (each data-parallel rank writes its own buffers) and resumable at the same TP/PP layout.
+# megatron-core 0.16 has no usable default (its "fully_sharded_model_space" needs flattened ranges,
+# which its dist_checkpointing refuses). Ignored by the non-distributed optimizer.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 RNG_SUBDIR = "rng"
 STATE_FILE = "trainer_state.json"
 
@@ -130,7 +135,8 @@ def save_training_checkpoint(
     model_sd = model.sharded_state_dict()
     dist_checkpointing.save(model_sd, str(tmp / MODEL_SUBDIR))
     dist_checkpointing.save(
-        optimizer.sharded_state_dict(model.sharded_state_dict()), str(tmp / OPTIM_SUBDIR)
+        optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIM_METADATA),
+        str(tmp / OPTIM_SUBDIR),
     )
     torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
     if _rank() == 0:
@@ -140,6 +146,7 @@ def save_training_checkpoint(
         state = dict(
             trainer_state,
             step=step,
+            adam_step=_adam_step(optimizer),
             world_size=dist.get_world_size() if dist.is_initialized() else 1,
         )
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -153,6 +160,67 @@ def save_training_checkpoint(
         os.replace(latest_tmp, save / LATEST_FILE)
     _barrier()
     return final
+
+
+def _materialize_torch_adam_state(optimizer) -> None:
+    """Before a load, give torch's Adam the state its first step would create (zeros, step 0).
+
+    megatron-core's distributed optimizer describes its checkpoint from its current state, and on
+    the torch-Adam path (no Apex / Transformer Engine) that state does not exist before the first
+    step (``DistributedOptimizer.state_dict`` then fails). The loaded values replace these zeros.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt = getattr(inner, "optimizer", None)
+        if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if not opt.state[p]:
+                    opt.state[p]["step"] = torch.tensor(0.0)
+                    opt.state[p]["exp_avg"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                    opt.state[p]["exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+
+
+def _torch_adams(optimizer):
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt = getattr(inner, "optimizer", None)
+        if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            yield opt
+
+
+def _adam_step(optimizer) -> float | None:
+    """Adam's update count (torch-Adam path), the same for every parameter."""
+    steps = {
+        float(st["step"])
+        for opt in _torch_adams(optimizer)
+        for st in opt.state.values()
+        if "step" in st
+    }
+    return max(steps) if steps else None
+
+
+def _restore_adam_steps(optimizer, step: float | None) -> None:
+    """Give every parameter its own ``step`` tensor holding the saved update count.
+
+    Two upstream problems on the torch-Adam path (no Apex / Transformer Engine; megatron-core
+    0.16): the distributed optimizer's ``dp_reshardable`` checkpoint does not bring ``step`` back
+    (it loads as 0), and its ``load_state_dict`` gives all parameters one shared ``step`` tensor,
+    which torch's Adam then increments once per parameter. Either corrupts Adam's bias correction
+    after a resume (caught by ``test_bf16_distributed_optimizer_dp2_resumes_exactly``), so the
+    count is saved in ``trainer_state.json`` and set here.
+    """
+    if step is None:
+        return
+    for opt in _torch_adams(optimizer):
+        for st in opt.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(
+                    float(step), dtype=st["step"].dtype, device=st["step"].device
+                )
 
 
 def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str, Any]:
@@ -171,7 +239,10 @@ def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str,
         )
     state = json.loads(state_file.read_text())
     load_model_weights(model, ckpt)
-    opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+    _materialize_torch_adam_state(optimizer)
+    opt_sd = optimizer.sharded_state_dict(
+        model.sharded_state_dict(), is_loading=True, metadata=OPTIM_METADATA
+    )
     try:
         loaded = dist_checkpointing.load(opt_sd, str(ckpt / OPTIM_SUBDIR))
     except Exception as e:
@@ -179,6 +250,7 @@ def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str,
             f"cannot load the optimizer state from {ckpt}: {str(e).splitlines()[0]}"
         ) from e
     optimizer.load_state_dict(loaded)
+    _restore_adam_steps(optimizer, state.get("adam_step"))
     rng_file = ckpt / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_file.is_file() and state.get("world_size") == world:
