@@ -50,6 +50,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_gopd.utils import quiet_expected_warnings
+
+quiet_expected_warnings()  # before megatron is imported: its CPU-only warnings say nothing here
 torch.set_num_threads(1)  # before any op: ranks are forked from this process
 
 CANDIDATES = ("megatron_ce", "gopd", "fdiv", "naive", "gopd_full")
