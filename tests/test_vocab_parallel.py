@@ -148,3 +148,27 @@ def test_overwrite_ignored_for_bf16():
     z = logits.clone()
     vocab_parallel_logprobs(z, target, None, vocab_size=V_REAL, overwrite_logits=True)
     assert torch.equal(z, logits), "bf16 logits cannot hold p: they must be left as they are"
+
+
+def test_overwrite_entropy_blocks_inside_a_chunk(monkeypatch):
+    """With overwrite_logits and the entropy, ``z - m`` goes through blocks smaller than a chunk
+    (peak memory): a chunk of all 13 rows split into blocks of 2 rows gives the reference values."""
+    import megatron_gopd.vocab_parallel as vp
+
+    monkeypatch.setattr(vp, "_OVERWRITE_ENTROPY_BLOCK", 2 * V_REAL)
+    logits, target, g_lp, g_ent = _data()
+    ref_lp, ref_ent, ref_grad = _reference(logits, target, g_lp, g_ent)
+    z = logits.clone().requires_grad_(True)
+    lp, ent = vocab_parallel_logprobs(
+        z * 1.0,
+        target,
+        None,
+        vocab_size=V_REAL,
+        with_entropy=True,
+        chunk_elements=T * V_PADDED,
+        overwrite_logits=True,
+    )
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z.grad.double(), ref_grad, rtol=1e-6, atol=1e-6)
