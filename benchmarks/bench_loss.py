@@ -44,6 +44,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_gopd.utils import quiet_expected_warnings
 
 quiet_expected_warnings()  # before megatron is imported: its CPU-only warnings say nothing here
+# megatron-core 0.16's tensor-parallel gather (the naive candidate) calls an API torch 2.13 deprecates
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch.distributed.all_gather_into_tensor` is deprecated",
+    category=FutureWarning,
+)
 torch.set_num_threads(1)  # before any op: ranks are forked from this process
 
 CANDIDATES = ("megatron_ce", "gopd", "fdiv", "naive", "gopd_full")
