@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism and batches (Megatron-LM names)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="split activations between layers along the sequence over the TP ranks (all "
+        "roles; needs TP > 1; sequences are padded to a multiple of TP)",
+    )
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward pass")
     g.add_argument(
         "--global-batch-size",

@@ -253,7 +253,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise GopdError("--gopd-tis-cap must be > 0")
     if args.eval_interval and not args.eval_prompt_data:
         raise GopdError("--eval-interval needs --eval-prompt-data")
-    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    parallel = ParallelConfig(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.sequence_parallel
+    )
     cfg = TrainConfig(
         parallel=parallel,
         models=ModelsConfig(

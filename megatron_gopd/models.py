@@ -118,12 +118,52 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
     return TransformerConfig(**kw)
 
 
-def layer_spec(arch: ModelArch, use_te: bool):
+class LocalRMSNorm:
+    """The local spec's RMSNorm: ``torch.nn.RMSNorm``, as megatron-core's ``WrappedTorchNorm``
+    builds it, that also runs under sequence parallelism (``WrappedTorchNorm`` refuses it).
+
+    Under sequence parallelism each TP rank normalises its slice of the sequence with the same,
+    replicated weight, so the weight's gradient must be summed over the TP group: the weight is
+    tagged ``sequence_parallel``, which megatron-core's ``finalize_model_grads`` reduces (TENorm
+    and apex's norms carry the same tag).
+    """
+
+    def __new__(
+        cls,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "RMSNorm",
+    ):
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
+            raise GopdError("the local layer spec supports RMSNorm only (no zero-centred gamma)")
+        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_spec(arch: ModelArch, use_te: bool, config):
+    """The decoder's spec for this pipeline stage: Transformer Engine's layers, or megatron-core's
+    local ones with :class:`LocalRMSNorm` for every norm (the final one included)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    layer = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    sub = layer.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = LocalRMSNorm
+    if arch.qk_norm:
+        attn = sub.self_attention.submodules
+        attn.q_layernorm = attn.k_layernorm = LocalRMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=LocalRMSNorm
+    )
 
 
 def build_gpt(
@@ -151,7 +191,7 @@ def build_gpt(
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_transformer_engine(spec)),
+        transformer_layer_spec=layer_spec(arch, use_transformer_engine(spec), config),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -197,6 +237,13 @@ class RoleModel:
     @property
     def model(self):
         return self.chunks[0]
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Sequence lengths fed to this role must be a multiple of this (TP under sequence
+        parallelism, which splits the sequence over the tensor-parallel ranks; else 1)."""
+        cfg = self.model.config
+        return cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
 
     def freeze(self) -> None:
         for m in self.chunks:
@@ -250,8 +297,13 @@ def build_role(
     offload: bool = False,
     spec: str = "auto",
     seed: int = 1234,
+    sequence_parallel: bool = False,
 ) -> RoleModel:
-    """Build a role from a checkpoint (architecture read from it) or from ``arch`` (random init)."""
+    """Build a role from a checkpoint (architecture read from it) or from ``arch`` (random init).
+
+    ``sequence_parallel``: Megatron's sequence parallelism over the tensor-parallel group (the
+    activations between layers are split along the sequence, whose length must then be a multiple
+    of TP: :attr:`RoleModel.sequence_multiple`)."""
     ckpt_dir = None
     if checkpoint is not None:
         ckpt_dir = resolve_checkpoint(checkpoint)
@@ -259,7 +311,12 @@ def build_role(
     if arch is None:
         raise GopdError(f"role {name!r}: give a checkpoint or an architecture")
     model = build_gpt(
-        arch, params_dtype=params_dtype, spec=spec, seed=seed, initialize_weights=ckpt_dir is None
+        arch,
+        params_dtype=params_dtype,
+        spec=spec,
+        seed=seed,
+        initialize_weights=ckpt_dir is None,
+        sequence_parallel=sequence_parallel,
     )
     if ckpt_dir is not None:
         load_model_weights(model, ckpt_dir)

@@ -33,17 +33,19 @@ class ParallelConfig:
     def pp(self) -> int:
         return self.pipeline_model_parallel_size
 
-    def validate(self, world_size: int) -> None:
-        mp = self.tp * self.pp
+    def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise GopdError("tensor/pipeline model parallel sizes must be >= 1")
+        if self.sequence_parallel and self.tp == 1:
+            raise GopdError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    def validate(self, world_size: int) -> None:
+        mp = self.tp * self.pp
         if world_size % mp:
             raise GopdError(
                 f"{world_size} process(es) cannot hold TP*PP = {self.tp}*{self.pp} = {mp} model "
                 f"shards: launch a multiple of {mp} ranks (torchrun --nproc-per-node ...)"
             )
-        if self.sequence_parallel and self.tp == 1:
-            raise GopdError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:

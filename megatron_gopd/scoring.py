@@ -61,7 +61,8 @@ def hidden_to_logprobs(
     vocab_size: int,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """``[S, B, H]`` final hidden states -> ``[B, S]`` log-probs of ``labels`` (``[B, S]``).
+    """``[S, B, H]`` final hidden states (``[S / TP, B, H]`` under sequence parallelism) ->
+    ``[B, S]`` log-probs of ``labels`` (``[B, S]``).
 
     The output layer runs on chunks of tokens; only one chunk's logits exist at a time.
     """
@@ -69,11 +70,17 @@ def hidden_to_logprobs(
 
     gpt = _unwrap(model)
     weight = (
-        gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
+        gpt.shared_embedding_or_output_weight()
+        if gpt.share_embeddings_and_output_weights
+        else gpt.output_layer.weight
     )
-    if getattr(gpt.output_layer, "sequence_parallel", False):
-        raise GopdError("scoring with sequence parallelism is not supported yet")
-    h = hidden.transpose(0, 1).reshape(-1, 1, hidden.shape[-1])  # [B*S, 1, H], row = (b, s)
+    if gpt.config.sequence_parallel:
+        # [S/TP, B, H] per rank -> [S, B, H]; the output layer's own gather would mix the chunks'
+        # rows across ranks, so the chunks below multiply by this rank's vocabulary slice directly
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [B*S, H], row = (b, s)
     flat_labels = labels.reshape(-1)
     v_local = gpt.output_layer.output_size_per_partition
     rows = max(1, chunk_elements // v_local)
@@ -85,9 +92,9 @@ def hidden_to_logprobs(
     out = torch.empty(flat_labels.shape, dtype=torch.float32, device=hidden.device)
     for a in range(0, h.shape[0], rows):
         b = min(h.shape[0], a + rows)
-        logits, _ = gpt.output_layer(h[a:b], weight=weight)
+        logits = torch.nn.functional.linear(h[a:b], weight)  # [rows, V / TP], no bias
         lp, _ = vocab_parallel_logprobs(
-            logits.squeeze(1),
+            logits,
             flat_labels[a:b],
             group,
             vocab_size=vocab_size,
@@ -148,6 +155,7 @@ def score_sequences(
     max_len = max(len(s) for s in sequences)
     seq_len = -(-max_len // pad_to_multiple) * pad_to_multiple
     seq_len = min(seq_len, max(max_len, arch.max_position_embeddings))
+    seq_len = -(-seq_len // role.sequence_multiple) * role.sequence_multiple
     batches = []
     for a in range(0, len(sequences), micro_batch_size):
         chunk = list(sequences[a : a + micro_batch_size])
@@ -278,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true", help="needs TP > 1")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (default: fp32)")
     p.add_argument("--seed", type=int, default=1234)
@@ -302,7 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     records, seqs, prompt_lens = _read_inputs(args.input, tokenizer)
     parallel.initialize(
-        parallel.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size),
+        parallel.ParallelConfig(
+            args.tensor_model_parallel_size,
+            args.pipeline_model_parallel_size,
+            args.sequence_parallel,
+        ),
         seed=args.seed,
     )
     try:
@@ -312,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             frozen=True,
             params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             spec=args.transformer_impl,
+            sequence_parallel=args.sequence_parallel,
         )
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = list(range(dp_rank, len(seqs), dp))

@@ -149,6 +149,7 @@ class GOPDTrainer:
                 offload=cfg.models.offload_frozen,
                 spec=cfg.models.transformer_impl,
                 seed=cfg.seed,
+                sequence_parallel=cfg.parallel.sequence_parallel,
             )
             if frozen:
                 roles[key] = r
@@ -295,6 +296,7 @@ class GOPDTrainer:
                 lam_of=cfg.gopd.lam,
                 with_ref=self.needs_ref,
                 pad_rows_to=cfg.micro_batch_size,
+                sequence_multiple=self.student.sequence_multiple,
             )
             r, stats = train_step(
                 self.opt,

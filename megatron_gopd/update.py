@@ -13,6 +13,7 @@ is split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,14 +32,20 @@ def collate(
     with_ref: bool,
     pad_rows_to: int = 1,
     pad_to_multiple: int = 8,
+    sequence_multiple: int = 1,
     seq_len: int | None = None,
 ) -> RolloutBatch:
     """Right-padded, label-aligned tensors for ``samples`` (rows added up to a multiple of
-    ``pad_rows_to`` are all-masked dummies, so every micro-batch has one shape)."""
+    ``pad_rows_to`` are all-masked dummies, so every micro-batch has one shape). The length is a
+    multiple of ``pad_to_multiple`` and of ``sequence_multiple`` (the model's: TP under sequence
+    parallelism)."""
     n = len(samples)
     rows = max(1, -(-n // pad_rows_to) * pad_rows_to)
     longest = max((len(s.tokens) for s in samples), default=2)
-    S = seq_len or max(2, -(-longest // pad_to_multiple) * pad_to_multiple)
+    mult = math.lcm(pad_to_multiple, sequence_multiple)
+    S = seq_len or max(2, -(-longest // mult) * mult)
+    if S % sequence_multiple:
+        raise ValueError(f"sequence length {S} is not a multiple of {sequence_multiple}")
     tokens = torch.zeros((rows, S), dtype=torch.long)
     mask = torch.zeros((rows, S), dtype=torch.float32)
     teacher = torch.zeros((rows, S), dtype=torch.float32)

@@ -233,3 +233,79 @@ def test_negative_control_per_microbatch_mean_is_caught():
         outs[0]["sampled_token_mean"]["grads"], ref["sampled_token_mean"]["ref_grads"]
     )
     assert rel > 1e-2
+
+
+# ---------------------------------------------------------------------------------- sequence parallelism
+
+
+def _train_tp2(sequence_parallel, untag_norms=False):
+    """One forward-backward of the whole batch (2 micro-batches) at TP 2; returns the loss and
+    this rank's main_grads. ``untag_norms``: the mistake of a norm whose weight is not marked
+    ``sequence_parallel`` (its gradient then covers only this rank's slice of the sequence)."""
+    import dataclasses
+    from functools import partial
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.models import build_gpt
+
+    arch = dataclasses.replace(ARCH, family="qwen3", qk_norm=True)  # q/k norms too
+    model = build_gpt(arch, seed=SEED, spec="local", sequence_parallel=sequence_parallel)
+    if untag_norms:
+        for name, p in model.named_parameters():
+            if "layernorm" in name and "q_layernorm" not in name and "k_layernorm" not in name:
+                p.sequence_parallel = False
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, bucket_size=None),
+        module=model,
+    )
+    model.config.finalize_model_grads_func = finalize_model_grads
+    gmb, _, _ = global_batch()
+    mbs = B // 2
+    pos = torch.arange(SEQ).unsqueeze(0).expand(mbs, SEQ)
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return model(mb.tokens_BS, pos, None), partial(
+            gopd_loss,
+            mb=mb,
+            cfg=GOPDLossConfig(),
+            tp_group=ps.get_tensor_model_parallel_group(),
+            vocab_size=V_REAL,
+        )
+
+    ddp.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([gmb.slice(0, mbs), gmb.slice(mbs, B)]),
+        model=[ddp],
+        num_microbatches=2,
+        seq_length=SEQ,
+        micro_batch_size=mbs,
+        forward_only=False,
+    )
+    total = torch.stack([r["loss"] for r in reports]).sum(0)
+    grads = {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
+    return dict(loss=total[0] / total[1], grads=grads)
+
+
+def test_sequence_parallel_training_matches_tensor_parallel():
+    """TP 2 with sequence parallelism gives the loss and every gradient of TP 2 without it
+    (same weights, same batch); the norms' weights (replicated, each rank seeing half of the
+    sequence) must have their gradients summed over TP. Negative control: untagged norms."""
+    plain = run_distributed(_train_tp2, 2, False, parallel=ParallelConfig(2, 1))
+    sp = run_distributed(_train_tp2, 2, True, parallel=ParallelConfig(2, 1, True))
+    for want, got in zip(plain, sp, strict=True):
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-6)
+        rel = _max_rel_diff(got["grads"], want["grads"])
+        assert rel < 2e-6, f"sequence parallelism changes the gradients by {rel}"
+    wrong = run_distributed(_train_tp2, 2, True, True, parallel=ParallelConfig(2, 1, True))
+    assert _max_rel_diff(wrong[0]["grads"], plain[0]["grads"]) > 1e-3

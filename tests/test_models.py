@@ -160,22 +160,27 @@ def test_vocab_check_names_both_sizes():
 
 
 def _max_logits_chunk(ckpt, seqs, chunk_elements):
+    """Scores ``seqs`` with a spy on every matrix product whose output spans this rank's
+    vocabulary slice: the size of every logits tensor the scoring produces."""
+    import torch.nn.functional as F
+
     from megatron_gopd.models import build_role
     from megatron_gopd.scoring import score_sequences
 
     role = build_role("teacher", ckpt, frozen=True)
-    layer = role.model.output_layer
+    v_local = role.model.output_layer.output_size_per_partition
     seen = []
-    orig = layer.forward
+    orig = F.linear
 
-    def spy(x, *a, **k):
-        out = orig(x, *a, **k)
-        seen.append(out[0].numel())
+    def spy(x, w, *a, **k):
+        out = orig(x, w, *a, **k)
+        if out.shape[-1] == v_local:
+            seen.append(out.numel())
         return out
 
-    layer.forward = spy
+    F.linear = spy  # this forked rank only
     lps = score_sequences(role, seqs, micro_batch_size=4, chunk_elements=chunk_elements)
-    return max(seen), len(seen), lps, layer.output_size_per_partition
+    return max(seen), len(seen), lps, v_local
 
 
 def test_scoring_never_materialises_more_than_one_chunk_of_logits(tmp_path):

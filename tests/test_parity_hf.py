@@ -55,16 +55,18 @@ def convert(hf_dir, out_dir):
     run_distributed(_convert, 1, str(hf_dir), str(out_dir))
 
 
-def _score(ckpt, seqs, mbs):
+def _score(ckpt, seqs, mbs, sp):
     from megatron_gopd.models import build_role
     from megatron_gopd.scoring import score_sequences
 
-    role = build_role("teacher", ckpt, frozen=True)
+    role = build_role("teacher", ckpt, frozen=True, sequence_parallel=sp)
     return score_sequences(role, seqs, micro_batch_size=mbs)
 
 
-def score(ckpt, seqs, tp, pp, mbs=2):
-    outs = run_distributed(_score, tp * pp, str(ckpt), seqs, mbs, parallel=ParallelConfig(tp, pp))
+def score(ckpt, seqs, tp, pp, mbs=2, sp=False):
+    outs = run_distributed(
+        _score, tp * pp, str(ckpt), seqs, mbs, sp, parallel=ParallelConfig(tp, pp, sp)
+    )
     return outs
 
 
@@ -90,6 +92,16 @@ def test_logprobs_match_hf(converted, tp, pp):
     ckpt, seqs, ref = converted
     outs = score(ckpt, seqs, tp, pp)
     for rank_out in outs:  # every rank (all TP and PP ranks) returns the same log-probs
+        assert [len(x) for x in rank_out] == [len(s) - 1 for s in seqs]
+        assert max_diff(rank_out, ref) <= TOL
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)], ids=["tp2pp1-sp", "tp2pp2-sp"])
+def test_logprobs_match_hf_with_sequence_parallelism(converted, tp, pp):
+    """Sequence parallelism: the final hidden states arrive split along the sequence over the TP
+    ranks and are gathered before the chunked output layer (odd lengths: padded to TP)."""
+    ckpt, seqs, ref = converted
+    for rank_out in score(ckpt, seqs, tp, pp, sp=True):
         assert [len(x) for x in rank_out] == [len(s) - 1 for s in seqs]
         assert max_diff(rank_out, ref) <= TOL
 

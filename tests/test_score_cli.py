@@ -30,7 +30,8 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_gopd_score_under_torchrun_matches_hf(model_dir):
+@pytest.mark.parametrize("extra", [[], ["--sequence-parallel"]], ids=["tp2", "tp2-sp"])
+def test_gopd_score_under_torchrun_matches_hf(model_dir, extra):
     d, tok, hf = model_dir
     lines = [
         {"input_ids": [1, 7, 8, 9, 10, 11, 12], "prompt_len": 3, "id": "a"},
@@ -58,6 +59,7 @@ def test_gopd_score_under_torchrun_matches_hf(model_dir):
             "2",
             "--micro-batch-size",
             "2",
+            *extra,
         ],
         capture_output=True,
         text=True,

@@ -74,18 +74,41 @@ def _check_common(save, steps=4):
     return by_step
 
 
-@pytest.mark.slow
-def test_single_teacher_exopd_tp2(world, tmp_path):
-    save = tmp_path / "exopd"
-    scored, built = _run(
-        train_args(world, save, "--teacher-load", str(world["teacher"]), "--gopd-lambda", "1.25")
+def _exopd_args(world, save, *extra):
+    return train_args(
+        world, save, "--teacher-load", str(world["teacher"]), "--gopd-lambda", "1.25", *extra
     )
+
+
+@pytest.fixture(scope="module")
+def exopd_tp2(world, tmp_path_factory):
+    save = tmp_path_factory.mktemp("exopd") / "run"
+    scored, built = _run(_exopd_args(world, save))
+    return save, scored, built
+
+
+@pytest.mark.slow
+def test_single_teacher_exopd_tp2(exopd_tp2, world):
+    save, scored, built = exopd_tp2
     by_step = _check_common(save)
     # ExOPD needs the reference: the student's initial checkpoint by default
     assert ("reference:default", str(world["student"])) in built
     assert by_step[4]["counters/reference_sequences"] > 0
     assert any(name == "reference:default" for name, _, _ in scored)
     assert "train/implicit_reward" in by_step[4]
+
+
+@pytest.mark.slow
+def test_sequence_parallel_tp2(exopd_tp2, world, tmp_path):
+    """The same ExOPD run with --sequence-parallel: every check above holds, and the first
+    update (same rollouts, same initial weights) has the loss and metrics of the run without it."""
+    save = tmp_path / "exopd-sp"
+    _run(_exopd_args(world, save, "--sequence-parallel"))
+    by_step = _check_common(save)
+    plain = {x["step"]: x for x in read_metrics(exopd_tp2[0])}
+    for key in ("train/loss", "train/kl_teacher", "train/entropy", "train/implicit_reward"):
+        assert by_step[1][key] == pytest.approx(plain[1][key], rel=1e-5, abs=1e-6), key
+    assert by_step[0]["eval/reverse_kl"] == pytest.approx(plain[0]["eval/reverse_kl"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -167,6 +167,12 @@ def test_flag_level_errors(world, tmp_path):
         build_config(parse_args(_args(world, tmp_path, "--rollout-engine", "external")))
     with pytest.raises(GopdError, match="--teacher-load is required"):
         build_config(parse_args(train_args(world, tmp_path / "run")))
+    argv = _args(world, tmp_path, "--sequence-parallel")
+    argv[argv.index("--tensor-model-parallel-size") + 1] = "1"
+    with pytest.raises(
+        GopdError, match="--sequence-parallel needs --tensor-model-parallel-size > 1"
+    ):
+        build_config(parse_args(argv))
 
 
 def test_yaml_config_with_command_line_overrides(world, tmp_path):

@@ -8,6 +8,7 @@ MODEL_NAME=Qwen3-1.7B
 MODEL_LAYOUT_ARGS=(
     --tensor-model-parallel-size 2
     --pipeline-model-parallel-size 1
+    --sequence-parallel # activations between layers split over TP: 8k-token responses fit
     --micro-batch-size 2
 )
 MODEL_ROLLOUT_GPUS_PER_SERVER=1
