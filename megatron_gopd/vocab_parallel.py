@@ -27,8 +27,9 @@ loss) the forward goes one step further, like megatron-core does: it turns the l
 ``p = e * f`` (a per-token scale) in that storage, without recomputing the softmax. The only
 temporary is a block of 256 Ki values (or one row; a sixteenth of a chunk for larger chunks) for
 ``z - m``, and only for the entropy: peak memory is the logits plus O(tokens) plus that block, as
-megatron-core's cross-entropy's is the logits plus O(tokens). ``exp`` runs once, and the storage is read/written in fewer passes
-than megatron-core's (whose forward also normalises ``p`` in a separate pass).
+megatron-core's cross-entropy's is the logits plus O(tokens). ``exp`` runs once, and the storage
+is read/written in fewer passes than megatron-core's (whose forward also normalises ``p`` in a
+separate pass).
 An autograd node that saved the same logits before this call sees their version counter bumped and
 raises in its backward.
 
