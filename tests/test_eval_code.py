@@ -13,9 +13,8 @@ import pytest
 from megatron_gopd.evaluation.benchmarks import BenchmarkSpec, load_benchmark, read_rows
 from megatron_gopd.evaluation.code_grader import extract_code, grade_code
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
+from megatron_gopd.evaluation.testing import SAMPLES_DIR
 from megatron_gopd.utils import GopdError
-
-SAMPLES = Path(__file__).resolve().parents[1] / "megatron_gopd" / "evaluation" / "samples"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def sandbox() -> Sandbox:
 
 
 def load(fmt: str, name: str):
-    return {p.id: p for p in load_benchmark(BenchmarkSpec(name, fmt, str(SAMPLES / name)))}
+    return {p.id: p for p in load_benchmark(BenchmarkSpec(name, fmt, str(SAMPLES_DIR / name)))}
 
 
 def fenced(code: str) -> str:
@@ -144,7 +143,7 @@ def test_mbpp_set_equality_tasks(sandbox, tmp_path):
 
 
 def test_humaneval_check_function(sandbox, tmp_path):
-    row = json.loads((SAMPLES / "humaneval_plus_sample.jsonl").read_text().splitlines()[0])
+    row = json.loads((SAMPLES_DIR / "humaneval_plus_sample.jsonl").read_text().splitlines()[0])
     for key in ("base_input", "plus_input", "canonical_solution"):
         row.pop(key)  # original HumanEval: only the check(candidate) test
     (tmp_path / "he.jsonl").write_text(json.dumps(row) + "\n")

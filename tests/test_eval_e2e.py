@@ -11,17 +11,14 @@ import pytest
 from megatron_gopd.evaluation import ChatFormat, EvalConfig, HFGenerator, evaluate, flat_metrics
 from megatron_gopd.evaluation.__main__ import main
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
-from megatron_gopd.evaluation.testing import ScriptedGenerator, make_tiny_tokenizer
+from megatron_gopd.evaluation.testing import (
+    ScriptedGenerator,
+    make_tiny_tokenizer,
+    sample_benchmark_specs,
+)
 from megatron_gopd.testing import make_tiny_hf_model
 
-SAMPLES = Path(__file__).resolve().parents[1] / "megatron_gopd" / "evaluation" / "samples"
-BENCHMARKS = [
-    f"math=math:{SAMPLES / 'math_sample.jsonl'}",
-    f"hmmt=math:{SAMPLES / 'hmmt_style_sample.jsonl'}",
-    f"humaneval+=evalplus:{SAMPLES / 'humaneval_plus_sample.jsonl'}",
-    f"mbpp+=evalplus:{SAMPLES / 'mbpp_plus_sample.jsonl'}",
-    f"lcb=livecodebench:{SAMPLES / 'livecodebench_sample.jsonl'}",
-]
+BENCHMARKS = sample_benchmark_specs(hmmt="hmmt", livecodebench="lcb")
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,14 @@ import torch
 
 from megatron_gopd.evaluation import EvalConfig, HFGenerator, Sandbox, SandboxLimits, evaluate
 from megatron_gopd.evaluation.report import comparison, comparison_markdown, load_run, plot_vs
-from megatron_gopd.evaluation.testing import ScriptedGenerator, make_tiny_tokenizer
+from megatron_gopd.evaluation.testing import (
+    ScriptedGenerator,
+    make_tiny_tokenizer,
+    sample_benchmark_specs,
+)
 from megatron_gopd.testing import make_tiny_hf_model
 
-SAMPLES = Path(__file__).resolve().parents[2] / "megatron_gopd" / "evaluation" / "samples"
-BENCHMARKS = [
-    f"math=math:{SAMPLES / 'math_sample.jsonl'}",
-    f"hmmt-style=math:{SAMPLES / 'hmmt_style_sample.jsonl'}",
-    f"humaneval+=evalplus:{SAMPLES / 'humaneval_plus_sample.jsonl'}",
-    f"mbpp+=evalplus:{SAMPLES / 'mbpp_plus_sample.jsonl'}",
-    f"livecodebench=livecodebench:{SAMPLES / 'livecodebench_sample.jsonl'}",
-]
+BENCHMARKS = sample_benchmark_specs()
 RIGHT = {
     "What is $1+1$": "\\boxed{2}",
     "frac{1}{2}+": "\\boxed{\\frac{3}{4}}",

@@ -15,7 +15,36 @@ from pathlib import Path
 
 from megatron_gopd.evaluation.generation import Completion
 
-__all__ = ["CHATML_TEMPLATE", "ScriptedGenerator", "make_tiny_tokenizer"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "SAMPLES_DIR",
+    "ScriptedGenerator",
+    "make_tiny_tokenizer",
+    "sample_benchmark_specs",
+]
+
+# the tiny benchmark samples shipped with the package (public formats, a few problems each)
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+def sample_benchmark_specs(
+    *,
+    math: str = "math",
+    hmmt: str = "hmmt-style",
+    humaneval: str = "humaneval+",
+    mbpp: str = "mbpp+",
+    livecodebench: str = "livecodebench",
+) -> list[str]:
+    """``NAME=FORMAT:PATH`` specs (``gopd-eval --benchmark``) of the five shipped samples, under
+    the given names."""
+    return [
+        f"{math}=math:{SAMPLES_DIR / 'math_sample.jsonl'}",
+        f"{hmmt}=math:{SAMPLES_DIR / 'hmmt_style_sample.jsonl'}",
+        f"{humaneval}=evalplus:{SAMPLES_DIR / 'humaneval_plus_sample.jsonl'}",
+        f"{mbpp}=evalplus:{SAMPLES_DIR / 'mbpp_plus_sample.jsonl'}",
+        f"{livecodebench}=livecodebench:{SAMPLES_DIR / 'livecodebench_sample.jsonl'}",
+    ]
+
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
