@@ -11,14 +11,13 @@ state is ``(epoch, offset)``, saved in checkpoints so that a resumed run sees th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, json_object_line
 
 __all__ = ["Prompt", "PromptDataset", "PromptIterator", "load_prompts"]
 
@@ -34,12 +33,7 @@ class Prompt:
 
 
 def _parse_line(path: Path, lineno: int, line: str) -> dict:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise GopdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(rec, dict):
-        raise GopdError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    rec = json_object_line(path, lineno, line)
     has_prompt, has_msgs = "prompt" in rec, "messages" in rec
     if has_prompt == has_msgs:
         raise GopdError(

@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_gopd.utils import GopdError, cli_errors, get_logger, quiet_expected_warnings
+from megatron_gopd.utils import (
+    GopdError,
+    cli_errors,
+    get_logger,
+    json_object_line,
+    quiet_expected_warnings,
+)
 from megatron_gopd.vocab_parallel import DEFAULT_CHUNK_ELEMENTS, vocab_parallel_logprobs
 
 __all__ = ["main", "score_sequences"]
@@ -231,12 +237,7 @@ def _read_inputs(
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GopdError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise GopdError(f"{path}:{n}: expected a JSON object")
+        rec = json_object_line(path, n, line)
         if "input_ids" in rec:
             ids = rec["input_ids"]
             if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):

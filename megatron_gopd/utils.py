@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 
-__all__ = ["GopdError", "cli_errors", "free_port", "get_logger"]
+__all__ = ["GopdError", "cli_errors", "free_port", "get_logger", "json_object_line"]
 
 
 class GopdError(Exception):
     """An error caused by the user's input or environment, shown as one line (no traceback)."""
+
+
+def json_object_line(path: str | Path, lineno: int, line: str) -> dict:
+    """Line ``lineno`` of the jsonl file ``path`` as a dict, or a :class:`GopdError` naming both."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GopdError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise GopdError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def free_port() -> int:
