@@ -23,7 +23,7 @@ from pathlib import Path
 
 from megatron_gopd.utils import GopdError, cli_errors
 
-__all__ = ["load_metrics", "plot_curves", "plot_lambda_sweep"]
+__all__ = ["load_metrics", "plot_curves", "plot_lambda_sweep", "pyplot", "save_figure"]
 
 PANELS = (
     ("accuracy", ("eval/accuracy",), "accuracy (eval prompts)"),
@@ -64,7 +64,8 @@ def _series(
     return [], [], None
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or a clear error without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -75,7 +76,8 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, out) -> Path:
+def save_figure(plt, fig, out) -> Path:
+    """Lay out ``fig``, write it to ``out`` (PNG, parents made), close it; returns the path."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,7 @@ def _save(plt, fig, out) -> Path:
 
 
 def plot_curves(runs: dict[str, list[dict]], out: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
     for ax, (title, keys, ylabel) in zip(axes, PANELS, strict=True):
         used = set()
@@ -102,12 +104,12 @@ def plot_curves(runs: dict[str, list[dict]], out: str | Path) -> Path:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save(plt, fig, out)
+    return save_figure(plt, fig, out)
 
 
 def plot_lambda_sweep(points: dict[float, list[dict]], out: str | Path) -> Path:
     """Last evaluation of each run vs its lambda."""
-    plt = _pyplot()
+    plt = pyplot()
     lams = sorted(points)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
     for ax, (title, keys, ylabel) in zip(axes, PANELS, strict=True):
@@ -122,7 +124,7 @@ def plot_lambda_sweep(points: dict[float, list[dict]], out: str | Path) -> Path:
         ax.set(title=f"{title} at the end vs lambda", xlabel="lambda", ylabel=ylabel)
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
-    return _save(plt, fig, out)
+    return save_figure(plt, fig, out)
 
 
 @cli_errors

@@ -180,14 +180,9 @@ def comparison_markdown(cmp: dict) -> str:
 def plot_vs(cmp: dict, x: str, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Accuracy (with CI bars) and mean response length vs the tag ``x`` (lambda, step), one line
     per benchmark plus the average; runs without the tag are left out. Saved as PNG (Agg)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise GopdError("plots need matplotlib: pip install 'megatron_gopd[eval]'") from None
+    from megatron_gopd.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pts = [(cmp["tags"][n][x], n) for n in cmp["runs"] if x in cmp["tags"][n]]
     if len(pts) < 2:
         raise GopdError(f"fewer than two runs have a {x!r} tag (--tag {x}=VALUE when evaluating)")
@@ -224,12 +219,7 @@ def plot_vs(cmp: dict, x: str, path: str | os.PathLike, *, title: str | None = N
     ax_acc.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(plt, fig, path)
 
 
 def _parse_run(text: str) -> tuple[str | None, str]:
