@@ -4,7 +4,7 @@ For each (tokens, vocabulary, TP, dtype) the same vocab-parallel logits go throu
 
     megatron_ce   megatron.core.tensor_parallel.vocab_parallel_cross_entropy, masked sum
                   (the lower bound: it computes the same log-prob of the sampled token)
-    gopd          megatron_gopd.loss.gopd_loss, default config (sampled estimator), with its
+    gopd          megatron_gopd.trainer.loss.gopd_loss, default config (sampled estimator), with its
                   advantages, entropy and the full metrics report
     fdiv          gopd_loss(objective="fdiv", divergence="alpha", alpha=0.5): OPD+, the corrected
                   f-divergence advantage on the same log-probs (sampled estimator)
@@ -117,7 +117,7 @@ def _run(name: str, inp: dict) -> None:
     import torch.nn.functional as F
 
     from megatron_gopd.gopd import GOPDLossConfig
-    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.trainer.loss import gopd_loss
 
     x, labels, mb = inp["logits"], inp["labels"], inp["mb"]
     group = dist.group.WORLD if inp["world"] > 1 else None

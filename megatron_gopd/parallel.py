@@ -1,7 +1,9 @@
-"""Process groups: torch.distributed start-up and Megatron's model-parallel layout.
+"""Process groups: torch.distributed start-up, Megatron's model-parallel layout, and the one home
+of the rank and collective helpers every other module uses.
 
 All roles (student, teachers, reference) live in one job and share the same TP/PP/DP groups, so
-this is done once per process, before any model is built.
+this is done once per process, before any model is built. The helpers below work in a world of
+one too (no torch.distributed at all): a single-process run needs no torchrun.
 """
 
 from __future__ import annotations
@@ -9,21 +11,44 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_gopd import platform
+from megatron_gopd.flags import flag
 from megatron_gopd.utils import GopdError
 
-__all__ = ["ParallelConfig", "destroy", "init_distributed", "initialize"]
+__all__ = [
+    "ParallelConfig",
+    "barrier",
+    "broadcast_object",
+    "destroy",
+    "init_distributed",
+    "initialize",
+    "is_rank0",
+    "raise_rank0_error",
+    "rank",
+    "world_size",
+]
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
+    """The model-parallel layout shared by every role of the job (Megatron-LM's flag names)."""
+
+    FLAG_GROUP = "parallelism and batches (Megatron-LM names)"
+
+    tensor_model_parallel_size: int = flag(
+        1, help="tensor-parallel ranks per model (splits attention heads, MLP and vocabulary)"
+    )
+    pipeline_model_parallel_size: int = flag(1, help="pipeline stages per model (splits layers)")
+    sequence_parallel: bool = flag(
+        False,
+        help="split activations between layers along the sequence over the TP ranks (all "
+        "roles; needs TP > 1; sequences are padded to a multiple of TP)",
+    )
 
     @property
     def tp(self) -> int:
@@ -102,5 +127,39 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------- rank helpers
+
+
+def rank() -> int:
+    """This process's global rank (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """``obj`` from global rank ``src`` on every rank of ``group`` (pickled; small objects only)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def raise_rank0_error(error: str | None) -> None:
+    """Every rank raises rank 0's error (a :class:`GopdError` with its message), so that none is
+    left waiting in a collective for a rank that gave up; a no-op when ``error`` is None there."""
+    error = broadcast_object(error)
+    if error is not None:
+        raise GopdError(error)

@@ -48,7 +48,9 @@ def run_lambda(run_dir: str | Path) -> float | None:
     path = Path(run_dir) / "run_config.json"
     if not path.is_file():
         return None
-    lambdas = json.loads(path.read_text()).get("gopd", {}).get("lambdas")
+    config = json.loads(path.read_text())
+    # "routing" since the trainer package; "gopd" in runs written before it
+    lambdas = config.get("routing", config.get("gopd", {})).get("lambdas")
     if isinstance(lambdas, dict) and len(set(lambdas.values())) == 1:
         return float(next(iter(lambdas.values())))
     return None

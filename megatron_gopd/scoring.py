@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_gopd.flags import FlagFormatter, add_flags, config_from_args
+from megatron_gopd.models.build import unwrap_model
+from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.utils import (
     GopdError,
     cli_errors,
@@ -53,12 +56,6 @@ def _final_hidden_states(model):
         model.post_process = saved
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def hidden_to_logprobs(
     model,
     hidden: torch.Tensor,
@@ -74,7 +71,7 @@ def hidden_to_logprobs(
     """
     from megatron.core import parallel_state as ps
 
-    gpt = _unwrap(model)
+    gpt = unwrap_model(model)
     weight = (
         gpt.shared_embedding_or_output_weight()
         if gpt.share_embeddings_and_output_weights
@@ -180,7 +177,7 @@ def score_sequences(
         tokens, n_real = next(data_iterator)
         position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens)
         labels = torch.roll(tokens, shifts=-1, dims=1)
-        with _final_hidden_states(_unwrap(model)):
+        with _final_hidden_states(unwrap_model(model)):
             hidden = model(tokens, position_ids, None)
 
         def loss_func(hidden):
@@ -277,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gopd-score",
         description="Per-token log-probs of token sequences under a Megatron checkpoint "
         "(run under torchrun for TP/PP/DP).",
+        formatter_class=FlagFormatter,
     )
     p.add_argument("--load", required=True, help="megatron_gopd checkpoint directory")
     p.add_argument("--input", required=True, type=Path, help="jsonl of sequences")
@@ -285,25 +283,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         help="HF tokenizer directory, for text input (default: the checkpoint's tokenizer/)",
     )
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--sequence-parallel", action="store_true", help="needs TP > 1")
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    add_flags(p, ParallelConfig)  # the trainer's layout flags, from the same config
+    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass")
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (default: fp32)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--transformer-impl", choices=["auto", "local", "te"], default="auto")
+    p.add_argument("--seed", type=int, default=1234, help="random seed")
+    p.add_argument(
+        "--transformer-impl",
+        choices=["auto", "local", "te"],
+        default="auto",
+        help="layer implementation: Transformer Engine when available (auto), or local",
+    )
     return p
 
 
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_expected_warnings()
+    args = build_parser().parse_args(argv)  # --help before the ~9 s megatron import
+
     from megatron.core import parallel_state as ps
 
     from megatron_gopd import parallel
     from megatron_gopd.models import build_role, resolve_checkpoint
 
-    quiet_expected_warnings()
-    args = build_parser().parse_args(argv)
     ckpt = resolve_checkpoint(args.load)  # fail before spinning up process groups
     if not args.input.is_file():
         raise GopdError(f"input {args.input} does not exist")
@@ -311,14 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     )
     records, seqs, prompt_lens = _read_inputs(args.input, tokenizer)
-    parallel.initialize(
-        parallel.ParallelConfig(
-            args.tensor_model_parallel_size,
-            args.pipeline_model_parallel_size,
-            args.sequence_parallel,
-        ),
-        seed=args.seed,
-    )
+    parallel.initialize(config_from_args(ParallelConfig, args), seed=args.seed)
     try:
         role = build_role(
             "model",
@@ -343,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             gathered = [list(zip(mine, [lp.tolist() for lp in lps], strict=True))]
-        if dist.get_rank() == 0:
+        if parallel.is_rank0():
             by_index = {i: lp for part in gathered for i, lp in part}
             args.output.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.output.with_suffix(args.output.suffix + ".tmp")

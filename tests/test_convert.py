@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_gopd.arch import ArchError, ModelArch
 from megatron_gopd.convert import mapping
+from megatron_gopd.models.arch import ArchError, ModelArch
 from megatron_gopd.testing import make_tiny_hf_model, run_distributed, tiny_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_arch_reads_both_rope_spellings():
 def test_llama3_inv_freq_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from megatron_gopd.arch import llama3_inv_freq
+    from megatron_gopd.models.arch import llama3_inv_freq
 
     cfg = tiny_hf_config("llama3")
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")

@@ -106,7 +106,7 @@ def reference(cfg, logits, mb):
 def _rank(names, world, dtype=torch.float32, masked_garbage=False, objective=None):
     import torch.distributed as dist
 
-    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.trainer.loss import gopd_loss
 
     rank = dist.get_rank()
     group = dist.group.WORLD if world > 1 else None

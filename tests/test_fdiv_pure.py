@@ -220,17 +220,16 @@ def test_config():
 
 
 def test_trainer_flags_reach_the_loss_config():
-    from megatron_gopd.arguments import parse_args
-    from megatron_gopd.config import build_config
+    from megatron_gopd.trainer.config import build_config, parse_args
     from megatron_gopd.utils import GopdError
 
     base = ["--student-load", "s", "--teacher-load", "t", "--prompt-data", "p.jsonl"]
-    cfg = build_config(parse_args(base)).gopd.loss_config()
+    cfg = build_config(parse_args(base)).loss
     assert cfg == GOPDLossConfig()  # no flag: the G-OPD loss, untouched
     assert parse_args(base).fdiv_max_log_ratio == MAX_ABS_LOG_RATIO
     flags = ["--gopd-objective", "fdiv", "--fdiv-divergence", "alpha", "--fdiv-alpha", "2"]
     flags += ["--fdiv-advantage", "naive", "--fdiv-max-log-ratio", "10"]
-    cfg = build_config(parse_args(base + flags)).gopd.loss_config()
+    cfg = build_config(parse_args(base + flags)).loss
     assert cfg == GOPDLossConfig(
         objective="fdiv",
         divergence="alpha",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron_gopd.gopd import GOPDLossConfig
 from megatron_gopd.testing import run_distributed
 from megatron_gopd.types import RolloutBatch
-from megatron_gopd.vocab_parallel_gopd import vocab_parallel_gopd_objective
+from megatron_gopd.vocab_parallel import vocab_parallel_gopd_objective
 
 T, V_PAD, V_REAL = 6, 16, 13
 LAM = torch.tensor([1.0, 1.25, 0.0, 2.0, 1.25, 0.5])
@@ -122,7 +122,7 @@ def test_monte_carlo_sampled_estimator_agrees_with_full_vocab():
     reference term (lambda instead of lambda - 1) moves the expected gradient by 0.26-1.7 per
     position (largest element).
     """
-    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.trainer.loss import gopd_loss
 
     N = 20000
     z, t, u, _, _ = _data(seed=1)

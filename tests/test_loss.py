@@ -126,7 +126,7 @@ def _garbage_at_masked(logits, mb):
 def _rank(names, world, masked_garbage=False, ref_for_opd=False):
     import torch.distributed as dist
 
-    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.trainer.loss import gopd_loss
 
     rank = dist.get_rank()
     group = dist.group.WORLD if world > 1 else None
@@ -224,7 +224,7 @@ def test_masked_tokens_contribute_nothing():
 
 
 def test_bad_inputs_are_refused():
-    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.trainer.loss import gopd_loss
 
     logits, teacher, _, mb = make_data()
     with pytest.raises(ValueError, match="teacher"):

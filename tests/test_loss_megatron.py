@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_gopd.arch import ModelArch
 from megatron_gopd.gopd import GOPDLossConfig
+from megatron_gopd.models.arch import ModelArch
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.testing import run_distributed
 from megatron_gopd.types import RolloutBatch
@@ -116,8 +116,8 @@ def _train(nmb, overlap, with_reference, per_microbatch_mean=False):
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_gopd.loss import gopd_loss
     from megatron_gopd.models import build_gpt
+    from megatron_gopd.trainer.loss import gopd_loss
 
     model = build_gpt(ARCH, seed=SEED, spec="local")
     config = model.config
@@ -253,8 +253,8 @@ def _train_tp2(sequence_parallel, untag_norms=False):
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_gopd.loss import gopd_loss
     from megatron_gopd.models import build_gpt
+    from megatron_gopd.trainer.loss import gopd_loss
 
     arch = dataclasses.replace(ARCH, family="qwen3", qk_norm=True)  # q/k norms too
     model = build_gpt(arch, seed=SEED, spec="local", sequence_parallel=sequence_parallel)

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_gopd.arch import ModelArch
 from megatron_gopd.models import check_vocab_compatible
+from megatron_gopd.models.arch import ModelArch
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.testing import make_tiny_hf_model, run_distributed, tiny_hf_config
 from megatron_gopd.utils import GopdError
@@ -198,66 +198,3 @@ def test_scoring_never_materialises_more_than_one_chunk_of_logits(tmp_path):
     assert small[0][1] >= 16  # ...so the 256 rows took many chunks
     assert full[0][1] == 1  # one chunk when the budget allows (the control)
     assert max_diff(small[0][2], full[0][2]) < 1e-5  # and the chunking changes nothing
-
-
-# ---------------------------------------------------------------------------------- platform
-
-
-def _setup_with_cuda_reported():
-    import torch
-
-    from megatron_gopd import platform
-
-    torch.cuda.is_available = lambda: True
-    before = (
-        torch.cuda.current_device,
-        torch.Tensor.type,
-        torch.cuda.synchronize,
-        torch.Tensor.cuda,
-    )
-    platform._patched.clear()
-    applied = platform.setup()
-    after = (
-        torch.cuda.current_device,
-        torch.Tensor.type,
-        torch.cuda.synchronize,
-        torch.Tensor.cuda,
-    )
-    return (
-        applied,
-        all(a is b for a, b in zip(before, after)),
-        platform.transformer_config_overrides(),
-    )
-
-
-def _shim_state():
-    from megatron_gopd import platform
-
-    return (
-        platform.is_patched(),
-        torch.cuda.current_device(),
-        torch.zeros(1, device="cuda").device.type,
-    )
-
-
-def test_platform_shim_is_inert_when_cuda_is_present():
-    """On a CUDA machine the shim must patch nothing. Simulated in a fresh forked process where
-    torch.cuda.is_available() reports True before setup() runs."""
-    import multiprocessing as mp
-
-    with mp.get_context("fork").Pool(1) as pool:
-        applied, unchanged, overrides = pool.apply(_setup_with_cuda_reported)
-    assert applied is False and unchanged and overrides == {}
-    # the control: in a CPU-only rank the shim is active and redirects "cuda" to the CPU
-    (r,) = run_distributed(_shim_state, 1)
-    assert r == (True, torch.device("cpu"), "cpu")
-
-
-@pytest.mark.gpu
-def test_platform_shim_is_inert_on_a_real_gpu():
-    from megatron_gopd import platform
-
-    before = torch.cuda.current_device
-    assert platform.setup() is False
-    assert torch.cuda.current_device is before
-    assert torch.zeros(1, device="cuda").is_cuda

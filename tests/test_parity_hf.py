@@ -119,9 +119,9 @@ def qwen3_hf(tmp_path_factory):
 
 
 def _convert_with_bug(hf_dir, out_dir, bug):
-    from megatron_gopd import arch as arch_mod
     from megatron_gopd.convert import mapping
     from megatron_gopd.convert.checkpoint import convert_hf_to_megatron
+    from megatron_gopd.models import arch as arch_mod
 
     if bug == "qkv_layout":  # q, k, v concatenated whole instead of grouped per kv head
         mapping.fuse_qkv = lambda arch, q, k, v: torch.cat([q, k, v], dim=0)

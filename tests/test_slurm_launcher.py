@@ -280,20 +280,20 @@ def test_paper_recipes_are_valid_trainer_commands(recipe, lambdas, teachers, ref
     the paper setting the recipe is named after."""
     import shlex
 
-    from megatron_gopd.arguments import parse_args
-    from megatron_gopd.config import build_config
+    from megatron_gopd.trainer.config import build_config, parse_args
 
     text = gpu_dry_run(f"examples/{recipe}")
     (torchrun,) = commands(node_sections(text)[0], "python -m torch.distributed.run")
     argv = shlex.split(torchrun.split("-m megatron_gopd.train", 1)[1])
     cfg = build_config(parse_args(argv))
     name = lambda p: p.rsplit("/", 1)[-1]  # noqa: E731
-    assert cfg.gopd.lambdas == lambdas
-    assert {k: name(v) for k, v in cfg.models.teacher_loads.items()} == teachers
-    assert {k: name(v) for k, v in cfg.models.ref_loads.items()} == refs
+    assert cfg.routing.lambdas == lambdas
+    assert {k: name(v) for k, v in cfg.routing.teachers.items()} == teachers
+    assert {k: name(v) for k, v in cfg.routing.references.items()} == refs
     assert cfg.optim.lr == 1e-5 and cfg.optim.lr_decay_style == "constant"
     assert cfg.rollout.temperature == 1.0 and cfg.updates_per_step == 1
     assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
     assert cfg.rollout.engine == "external" and len(cfg.rollout.urls) >= 16
     assert cfg.rollout.colocate == ("disaggregated" not in recipe)
-    assert cfg.exit_signal_handler and cfg.load == cfg.save
+    ck = cfg.checkpoint
+    assert ck.exit_signal_handler and ck.load == ck.save

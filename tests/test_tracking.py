@@ -5,9 +5,8 @@ import os
 
 import torch
 
-from megatron_gopd.config import LogConfig
 from megatron_gopd.gopd import finalize_report
-from megatron_gopd.tracking import MetricsLogger, format_step_line, sum_reports
+from megatron_gopd.trainer.tracking import LogConfig, MetricsLogger, format_step_line, sum_reports
 
 
 def test_sum_then_finalize_is_the_token_weighted_mean():

@@ -21,10 +21,9 @@ def world(tmp_path_factory):
 
 def _train_with_spies(args):
     """Run ``train`` in this rank with spies on role construction and scoring."""
-    from megatron_gopd import trainer as T
-    from megatron_gopd.arguments import parse_args
-    from megatron_gopd.config import build_config
     from megatron_gopd.train import train
+    from megatron_gopd.trainer import stages as T
+    from megatron_gopd.trainer.config import build_config, parse_args
 
     scored, built = [], []
     orig_score, orig_build = T.GOPDTrainer._response_logprobs, T.build_role

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gopd.arguments import parse_args
-from megatron_gopd.config import build_config
+from megatron_gopd.trainer.config import build_config, parse_args
 from megatron_gopd.utils import GopdError
 from tests.e2e_utils import make_world, train_args
 
@@ -23,10 +22,11 @@ def world(tmp_path_factory):
 
 
 def _validate(argv):
-    from megatron_gopd.trainer import load_tokenizer, validate_inputs
+    from megatron_gopd.trainer.preflight import load_tokenizer, validate_inputs
 
     cfg = build_config(parse_args(argv))
-    return validate_inputs(cfg, load_tokenizer(cfg))
+    inputs = validate_inputs(cfg, load_tokenizer(cfg))
+    return inputs.prompts, inputs.eval_prompts
 
 
 def _args(world, tmp_path, *extra):
@@ -116,7 +116,7 @@ def test_malformed_dataset_lines(world, tmp_path, content, line, message):
 
 
 _NO_MODELS = (
-    "import sys, megatron_gopd.trainer as T\n"
+    "import sys, megatron_gopd.trainer.stages as T\n"
     "def no(*a, **k): raise SystemExit('a model was built')\n"
     "T.build_role = no\n"
     "from megatron_gopd.train import main\n"
@@ -187,8 +187,8 @@ def test_yaml_config_with_command_line_overrides(world, tmp_path):
     )
     cfg = build_config(parse_args(["--config", str(cfg_file), "--lr", "3e-5"]))
     assert cfg.optim.lr == 3e-5  # the command line wins
-    assert cfg.parallel.tp == 2 and cfg.gopd.lam("math") == 1.25
-    assert cfg.models.teacher_loads == {
+    assert cfg.parallel.tp == 2 and cfg.routing.lam("math") == 1.25
+    assert cfg.routing.teachers == {
         "math": str(world["teacher"]),
         "code": str(world["teacher2"]),
     }
@@ -196,7 +196,7 @@ def test_yaml_config_with_command_line_overrides(world, tmp_path):
     cfg = build_config(
         parse_args(["--config", str(cfg_file), "--teacher-load", str(world["teacher"])])
     )
-    assert cfg.models.teacher_loads == {"default": str(world["teacher"])}
+    assert cfg.routing.teachers == {"default": str(world["teacher"])}
     cfg_file.write_text("tensor_model_parallel_sise: 2\n")
     with pytest.raises(GopdError, match="unknown key"):
         parse_args(["--config", str(cfg_file)])

@@ -153,7 +153,7 @@ def test_overwrite_ignored_for_bf16():
 def test_overwrite_entropy_blocks_inside_a_chunk(monkeypatch):
     """With overwrite_logits and the entropy, ``z - m`` goes through blocks smaller than a chunk
     (peak memory): a chunk of all 13 rows split into blocks of 2 rows gives the reference values."""
-    import megatron_gopd.vocab_parallel as vp
+    import megatron_gopd.vocab_parallel.logprobs as vp
 
     monkeypatch.setattr(vp, "_OVERWRITE_ENTROPY_BLOCK", 2 * V_REAL)
     logits, target, g_lp, g_ent = _data()

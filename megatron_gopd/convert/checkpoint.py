@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_gopd.arch import DEFAULT_VOCAB_DIVISOR, ModelArch
 from megatron_gopd.convert import mapping
 from megatron_gopd.convert.hf_io import (
     HFWeights,
@@ -23,6 +22,7 @@ from megatron_gopd.convert.hf_io import (
     tokenizer_vocab_size,
     write_hf_checkpoint,
 )
+from megatron_gopd.models.arch import DEFAULT_VOCAB_DIVISOR, ModelArch
 from megatron_gopd.utils import GopdError, get_logger
 
 __all__ = ["convert_hf_to_megatron", "convert_megatron_to_hf", "hf_config_for"]

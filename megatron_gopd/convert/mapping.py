@@ -2,7 +2,7 @@
 
 Used by the conversion tools (whole state dicts) and by weight sync (one parameter at a time, from
 TP shards). Llama, Qwen2 and Qwen3 share one layout; the differences are flags of the
-:class:`~megatron_gopd.arch.ModelArch` (q/k/v bias for Qwen2, q/k RMSNorm for Qwen3, tied
+:class:`~megatron_gopd.models.arch.ModelArch` (q/k/v bias for Qwen2, q/k RMSNorm for Qwen3, tied
 embeddings).
 
 Layouts that are not a rename:
@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from megatron_gopd.arch import ModelArch
+from megatron_gopd.models.arch import ModelArch
 from megatron_gopd.utils import GopdError
 
 __all__ = [

@@ -8,8 +8,8 @@ the student::
 and the student minimises the masked mean of ``sg[A_t] * log pi_theta(y_t)``. pi* is the teacher,
 pi_ref the reference (never called "ref" for the teacher). :mod:`megatron_gopd.gopd.fdiv` is the
 OPD+ variant: an f-divergence to the teacher with the unbiased (corrected stop-gradient)
-advantage. The Megatron glue is :mod:`megatron_gopd.loss`; the vocab-parallel pieces are
-:mod:`megatron_gopd.vocab_parallel` and :mod:`megatron_gopd.vocab_parallel_gopd`.
+advantage. The Megatron glue is :mod:`megatron_gopd.trainer.loss`; the vocab-parallel pieces are
+in :mod:`megatron_gopd.vocab_parallel`.
 """
 
 from megatron_gopd.gopd.advantages import as_token_lambda, gopd_advantages, implicit_reward

@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from megatron_gopd.flags import flag
 from megatron_gopd.gopd.fdiv import DIVERGENCES, MAX_ABS_LOG_RATIO, MAX_EXP_ARG, Divergence
 from megatron_gopd.utils import GopdError
 
@@ -30,6 +31,9 @@ CPU_CHUNK_ELEMENTS = 1 << 20
 CUDA_CHUNK_ELEMENTS = 1 << 24
 
 
+FDIV_FLAG_GROUP = "OPD+ (f-divergence distillation; --gopd-objective fdiv)"
+
+
 class LossConfigError(GopdError, ValueError):
     """An invalid loss configuration; the message names the field."""
 
@@ -43,7 +47,7 @@ class GOPDLossConfig:
             log-prob), ``"full_vocab"`` (the exact per-position expectation of the sampled-token
             gradient, from the teacher's and reference's logits), or ``"top_k"`` (the same on the
             student's top-k tokens plus one bucket for the rest of the vocabulary). See
-            :mod:`megatron_gopd.vocab_parallel_gopd` for the derivation.
+            :mod:`megatron_gopd.vocab_parallel.gopd_objective` for the derivation.
         top_k: tokens kept per position by ``"top_k"``.
         aggregation: ``"token_mean"`` (every response token of the global batch weighs the same)
             or ``"seq_mean"`` (mean over tokens within a sequence, then over sequences).
@@ -62,16 +66,64 @@ class GOPDLossConfig:
         fdiv_max_log_ratio: clamp of ``|log r|`` (all divergences but reverse KL).
     """
 
-    estimator: Estimator = "sampled"
-    top_k: int = 64
-    aggregation: Aggregation = "token_mean"
-    tis_cap: float | None = None
+    FLAG_GROUP = "G-OPD"
+
+    estimator: Estimator = flag(
+        "sampled",
+        name="--gopd-estimator",
+        help="sampled: the paper's sampled-token estimator; full_vocab: its exact expectation "
+        "from the teacher's and reference's logits; top_k: the same on the student's top-k",
+    )
+    top_k: int = flag(64, name="--gopd-top-k", help="tokens kept per position by top_k")
+    aggregation: Aggregation = flag(
+        "token_mean",
+        name="--gopd-aggregation",
+        help="token_mean: every response token weighs the same; seq_mean: mean per sequence, "
+        "then over sequences",
+    )
+    tis_cap: float | None = flag(
+        None,
+        name="--gopd-tis-cap",
+        help="truncated importance-sampling cap between rollout and trainer log-probs "
+        "(official code: 5.0)",
+        default_help="off",
+    )
     chunk_elements: int | None = None
-    objective: Objective = "gopd"
-    divergence: Divergence = "reverse_kl"
-    alpha: float = 0.5
-    fdiv_correction: bool = True
-    fdiv_max_log_ratio: float = MAX_ABS_LOG_RATIO
+    objective: Objective = flag(
+        "gopd",
+        name="--gopd-objective",
+        group=FDIV_FLAG_GROUP,
+        help="gopd: the G-OPD advantage; fdiv: minimise an f-divergence to the teacher "
+        "(sampled estimator only)",
+    )
+    divergence: Divergence = flag(
+        "reverse_kl",
+        name="--fdiv-divergence",
+        group=FDIV_FLAG_GROUP,
+        help="the f-divergence; reverse_kl is G-OPD exactly",
+    )
+    alpha: float = flag(
+        0.5,
+        name="--fdiv-alpha",
+        group=FDIV_FLAG_GROUP,
+        help="alpha of --fdiv-divergence alpha (1: reverse KL, 0: forward KL, 0.5: Hellinger)",
+    )
+    fdiv_correction: bool = flag(
+        True,
+        name="--fdiv-advantage",
+        choices=("corrected", "naive"),
+        parse=lambda v: v == "corrected",
+        cli_default="corrected",
+        group=FDIV_FLAG_GROUP,
+        help="corrected: the unbiased advantage f'(r) - f'(1); naive: the stop-gradient f(r)/r "
+        "(biased except for reverse KL; for comparison)",
+    )
+    fdiv_max_log_ratio: float = flag(
+        MAX_ABS_LOG_RATIO,
+        name="--fdiv-max-log-ratio",
+        group=FDIV_FLAG_GROUP,
+        help="clamp of |log(pi_theta / pi*)| for all divergences but reverse KL",
+    )
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:

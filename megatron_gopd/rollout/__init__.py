@@ -1,11 +1,13 @@
-"""Rollouts through SGLang's native HTTP API.
+"""Rollouts through SGLang's native HTTP API: the client side only.
 
 * :mod:`~megatron_gopd.rollout.protocol`: the schema (pinned SGLang version), request checks.
 * :mod:`~megatron_gopd.rollout.client`: :class:`RolloutClient` (sampling, prefill scoring,
   failover, admin calls) producing :class:`~megatron_gopd.types.Sample` objects.
 * :mod:`~megatron_gopd.rollout.launcher`: :class:`RolloutServers` (launch SGLang or the CPU
   server, attach to URLs, optional router, clean stop).
-* :mod:`~megatron_gopd.rollout.cpu_server`: the CPU stand-in speaking the same API.
+
+The CPU stand-in that speaks the same API is :mod:`megatron_gopd.cpu_server`, a package of its own
+(it depends on this one and on :mod:`megatron_gopd.sync`, never the other way round).
 
 Importing this package imports neither aiohttp nor transformers nor megatron.
 """

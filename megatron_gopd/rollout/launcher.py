@@ -11,7 +11,7 @@
 ``backend="sglang"`` runs ``python -m sglang.launch_server`` per server with the flags RL trainers
 use (``--tp-size``, ``--base-gpu-id``, ``--mem-fraction-static``, ``--enable-memory-saver``,
 ``--skip-tokenizer-init``: we send token ids and read token ids). ``backend="cpu"`` runs
-``python -m megatron_gopd.rollout.cpu_server`` (tests, the tiny demo). ``backend="attach"`` uses
+``python -m megatron_gopd.cpu_server`` (tests, the tiny demo). ``backend="attach"`` uses
 servers someone else runs (``--rollout-urls``), optionally behind an sglang-router
 (``router_url``); ``launch_router=True`` starts ``sglang_router`` in front of launched servers.
 
@@ -210,7 +210,7 @@ class RolloutServers:
             cmd = [
                 sys.executable,
                 "-m",
-                "megatron_gopd.rollout.cpu_server",
+                "megatron_gopd.cpu_server",
                 "--model-path",
                 str(cfg.model_path),
                 "--host",

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as dist
-
+from megatron_gopd import parallel
 from megatron_gopd.convert.hf_io import HFShardWriter, atomic_output_dir
 from megatron_gopd.sync.gather import iter_hf_tensors
 
@@ -31,8 +30,7 @@ def export_role_to_hf(
     from megatron_gopd.sync.syncer import _hf_config_of
 
     out = Path(out)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if not rank0:
+    if not parallel.is_rank0():
         for _ in iter_hf_tensors(role):  # contribute shards; rank 0 writes
             pass
     else:
@@ -45,6 +43,5 @@ def export_role_to_hf(
             writer.close(hf_config or _hf_config_of(role))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-    if dist.is_initialized():
-        dist.barrier()
+    parallel.barrier()
     return out

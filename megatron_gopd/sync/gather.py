@@ -29,23 +29,18 @@ from megatron_gopd.convert.mapping import (
     merge_tp_shards,
     tp_partition_dim,
 )
+from megatron_gopd.models.build import unwrap_model
 
 __all__ = ["iter_hf_tensors", "local_params"]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def local_params(role) -> list[tuple[str, torch.nn.Parameter]]:
     """This stage's parameters as (canonical megatron name with global layer index, param)."""
     out = []
     for chunk in role.chunks:
-        gpt = _unwrap(chunk)
+        gpt = unwrap_model(chunk)
         layers = gpt.decoder.layers
         for name, p in gpt.named_parameters():
             name = canonical_name(name)

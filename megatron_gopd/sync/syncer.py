@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from megatron_gopd import parallel
 from megatron_gopd.rollout.protocol import http_json
 from megatron_gopd.sync.gather import iter_hf_tensors
 from megatron_gopd.sync.transports import (
@@ -191,7 +191,7 @@ class WeightSyncer:
     def push(self, role, *, version: str | None = None) -> SyncReport:
         """Send ``role``'s weights to every server. Collective: every trainer rank calls it."""
         cfg = self.config
-        rank0 = dist.get_rank() == 0
+        rank0 = parallel.is_rank0()
         version = version if version is not None else str(self._pushes)
         report = SyncReport(version=version)
         t0 = time.monotonic()
@@ -245,11 +245,9 @@ class WeightSyncer:
         self._pushes += 1
         report.seconds = time.monotonic() - t0
         # every rank raises the same error, none waits forever for rank 0
-        box = [error]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise SyncError(f"weight sync {version} failed: {box[0]}")
+        error = parallel.broadcast_object(error)
+        if error is not None:
+            raise SyncError(f"weight sync {version} failed: {error}")
         if rank0:
             log.info("%s", report.summary())
         return report

@@ -1,4 +1,5 @@
-"""The G-OPD trainer's stages. ``train.py`` calls them in order; this module holds their state.
+"""The G-OPD trainer's stages. :mod:`~megatron_gopd.trainer.driver` calls them in order; this module
+holds their state.
 
 One step::
 
@@ -17,30 +18,33 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from collections import Counter, defaultdict
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_gopd import checkpointing, parallel
-from megatron_gopd.config import TrainConfig
-from megatron_gopd.data import Prompt, PromptDataset, PromptIterator, load_prompts
-from megatron_gopd.models import (
-    CheckpointMeta,
-    RoleModel,
-    build_role,
-    check_vocab_compatible,
-    read_checkpoint_meta,
-    resolve_checkpoint,
-)
+from megatron_gopd import parallel
+from megatron_gopd.models.build import RoleModel, build_role
+from megatron_gopd.models.checkpoint import CheckpointMeta, read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.scoring import score_sequences
-from megatron_gopd.tracking import MetricsLogger, PhaseTimer, format_step_line, sum_reports
+from megatron_gopd.trainer import checkpointing
+from megatron_gopd.trainer.config import TrainConfig
+from megatron_gopd.trainer.data import Prompt, PromptDataset, PromptIterator
+from megatron_gopd.trainer.preflight import load_tokenizer, validate_inputs
+from megatron_gopd.trainer.tracking import (
+    MetricsLogger,
+    PhaseTimer,
+    format_step_line,
+    sum_reports,
+)
+from megatron_gopd.trainer.update import build_optimizer, collate, train_step
 from megatron_gopd.types import Sample
-from megatron_gopd.update import build_optimizer, collate, train_step
-from megatron_gopd.utils import GopdError, get_logger
+from megatron_gopd.utils import get_logger
 
-__all__ = ["GOPDTrainer"]
+__all__ = ["GOPDTrainer", "RoleScores", "StepCounts"]
 
 log = get_logger(__name__)
 
@@ -51,84 +55,33 @@ def _ps():
     return ps
 
 
-def _broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+@dataclass
+class RoleScores:
+    """A frozen role's log-probs of this rank's samples, aligned with them: ``logprobs_T[i]`` is
+    sample ``i``'s per-response-token log-probs, or None where the role did not score it (empty
+    response; for the reference, a domain with lambda == 1)."""
+
+    logprobs_T: list[torch.Tensor | None]
+    sequences: int  # sequences the role's forward passes scored
 
 
-def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
+@dataclass
+class StepCounts:
+    """Sequences each frozen role scored this step (the reference's is 0 in every step of a
+    lambda == 1 run: the tests check that it is never run)."""
 
-    path = cfg.data.tokenizer
-    if path is None:
-        path = str(resolve_checkpoint(cfg.models.student_load) / "tokenizer")
-        if not Path(path).is_dir():
-            raise GopdError(
-                f"the student checkpoint {cfg.models.student_load} has no tokenizer/: "
-                f"give --tokenizer"
-            )
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise GopdError(f"cannot load the tokenizer from {path}: {e}") from None
-
-
-def validate_inputs(cfg: TrainConfig, tokenizer) -> tuple[list[Prompt], list[Prompt] | None]:
-    """Every check that needs files but no model: checkpoints exist and share the student's
-    vocabulary, a reference exists where lambda != 1, the prompt data parses. Cheap and identical
-    on every rank, so every rank raises the same error."""
-    student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
-    for key, path in cfg.models.teacher_loads.items():
-        arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
-        check_vocab_compatible(student, arch, f"teacher ({key})" if key != "default" else "teacher")
-    teacher_domains = (
-        None if "default" in cfg.models.teacher_loads else set(cfg.models.teacher_loads)
-    )
-
-    def load(path):
-        return load_prompts(
-            path,
-            tokenizer,
-            apply_chat_template=cfg.data.apply_chat_template,
-            known_domains=teacher_domains,
-            max_prompt_len=cfg.data.max_prompt_len,
-            chat_template_kwargs=cfg.data.chat_template_kwargs,
-        )
-
-    prompts = load(cfg.data.prompt_data)
-    eval_prompts = load(cfg.data.eval_prompt_data) if cfg.data.eval_prompt_data else None
-    domains = {p.domain for p in prompts} | {p.domain for p in eval_prompts or []}
-    for d in sorted(domains):
-        if cfg.gopd.lam(d) != 1.0:
-            path = cfg.models.ref_loads.get(cfg.models.ref_key(d))
-            if path is None:
-                raise GopdError(
-                    f"domain {d!r} has lambda {cfg.gopd.lam(d)} != 1 and needs a reference: "
-                    f"give --ref-load (default: the student's initial checkpoint)"
-                )
-            check_vocab_compatible(
-                student, read_checkpoint_meta(resolve_checkpoint(path)).arch, f"reference ({d})"
-            )
-    if cfg.gopd.estimator != "sampled" and cfg.parallel.pp > 1:
-        raise GopdError(
-            f"--gopd-estimator {cfg.gopd.estimator} needs the frozen roles' logits at the "
-            f"student's last stage: use --pipeline-model-parallel-size 1"
-        )
-    return prompts, eval_prompts
+    teacher_sequences: int = 0
+    reference_sequences: int = 0
 
 
 class GOPDTrainer:
-    def __init__(self, cfg: TrainConfig, rollout_factory):
+    def __init__(self, cfg: TrainConfig, rollout_factory: Callable):
         self.cfg = cfg
         self.timer = PhaseTimer()
-        self.counters: Counter[str] = Counter()  # e.g. reference forward passes (checked by tests)
+        self.counts = StepCounts()
         self.tokenizer = load_tokenizer(cfg)
-        prompts, eval_prompts = validate_inputs(cfg, self.tokenizer)
-        self.domains = sorted({p.domain for p in prompts} | {p.domain for p in eval_prompts or []})
-        self.needs_ref = cfg.gopd.needs_reference(self.domains)
+        inputs = validate_inputs(cfg, self.tokenizer)
+        self.routing = inputs.routing  # domain -> teacher, reference or none, lambda
         # the rollout servers are checked (rank 0) before any model is built
         parallel.initialize(cfg.parallel, seed=cfg.seed)
         self.rollout = rollout_factory(cfg, self.tokenizer)
@@ -156,15 +109,11 @@ class GOPDTrainer:
             return r
 
         self.student = role("student", cfg.models.student_load, frozen=False)
-        self.teachers = {
-            k: role(f"teacher:{k}", p, True) for k, p in cfg.models.teacher_loads.items()
-        }
-        self.refs: dict[str, RoleModel] = {}
-        if self.needs_ref:
-            keys = {cfg.models.ref_key(d) for d in self.domains if cfg.gopd.lam(d) != 1.0}
-            self.refs = {
-                k: role(f"reference:{k}", cfg.models.ref_loads[k], True) for k in sorted(keys)
-            }
+        teachers = cfg.routing.teachers
+        self.teachers = {k: role(f"teacher:{k}", p, True) for k, p in teachers.items()}
+        # only the references some domain needs (none at all when lambda == 1 everywhere)
+        refs = cfg.routing.references
+        self.refs = {k: role(f"reference:{k}", refs[k], True) for k in self.routing.reference_keys}
         self.meta: CheckpointMeta = read_checkpoint_meta(
             resolve_checkpoint(cfg.models.student_load)
         )
@@ -172,31 +121,32 @@ class GOPDTrainer:
         self.opt = build_optimizer(
             self.student.model, cfg.optim, train_iters=cfg.train_iters, bf16=cfg.models.bf16
         )
-        self.data = PromptIterator(PromptDataset(prompts), seed=cfg.seed)
-        self.eval_prompts = eval_prompts
+        self.data = PromptIterator(PromptDataset(inputs.prompts), seed=cfg.seed)
+        self.eval_prompts = inputs.eval_prompts
         self.start_step = 0
+        load = cfg.checkpoint.load
         if (
-            cfg.load
-            and not checkpointing.has_checkpoint(cfg.load)
-            and not Path(cfg.load, "gopd_model.json").exists()
+            load
+            and not checkpointing.has_checkpoint(load)
+            and not Path(load, "gopd_model.json").exists()
         ):
-            if dist.get_rank() == 0:
+            if parallel.is_rank0():
                 log.info(
                     "no checkpoint in %s yet: starting a new run from %s",
-                    cfg.load,
+                    load,
                     cfg.models.student_load,
                 )
-        elif cfg.load:
+        elif load:
             state = checkpointing.load_training_checkpoint(
-                cfg.load, model=self.student.model, optimizer=self.opt.optimizer
+                load, model=self.student.model, optimizer=self.opt.optimizer
             )
             self.opt.scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             self.start_step = int(state["step"])
-            if dist.get_rank() == 0:
-                log.info("resumed from %s at step %d", cfg.load, self.start_step)
+            if parallel.is_rank0():
+                log.info("resumed from %s at step %d", load, self.start_step)
         self._stop = False
-        if cfg.exit_signal_handler:
+        if cfg.checkpoint.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self.logger = MetricsLogger(
             cfg.run_dir, cfg.log, run_config=dataclasses.asdict(cfg), resume_step=self.start_step
@@ -223,9 +173,9 @@ class GOPDTrainer:
     ) -> list[Sample]:
         """Student responses to ``prompts`` (rank 0 asks the servers; every rank gets them)."""
         samples = None
-        if dist.get_rank() == 0:
+        if parallel.is_rank0():
             samples = self.rollout.sample(prompts, n=n, seed=seed, temperature=temperature)
-        return _broadcast_object(samples)
+        return parallel.broadcast_object(samples)
 
     def rollout_step(self, step: int) -> list[Sample]:
         prompts = self.data.next(self.cfg.rollout.rollout_batch_size)
@@ -245,56 +195,60 @@ class GOPDTrainer:
             for s, lp in zip(samples, lps, strict=True)
         ]
 
-    def _score_by(
-        self, samples: list[Sample], key_of, roles: dict[str, RoleModel], field: str
-    ) -> None:
-        groups: dict[str, list[Sample]] = defaultdict(list)
-        for s in samples:
+    def _score(
+        self,
+        samples: list[Sample],
+        key_of: Callable[[Sample], str | None],
+        roles: dict[str, RoleModel],
+    ) -> RoleScores:
+        """Each sample scored by the role ``key_of(sample)`` names (None: not scored), one role
+        after the other, so that a role's forward passes see only its own samples."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, s in enumerate(samples):
             k = key_of(s)
             if k is not None and s.response_len > 0:
-                groups[k].append(s)
+                groups[k].append(i)
+        out: list[torch.Tensor | None] = [None] * len(samples)
         for k in sorted(groups):
-            self.counters[f"{field}_sequences"] += len(groups[k])
-            for s, lp in zip(groups[k], self._response_logprobs(roles[k], groups[k]), strict=True):
-                setattr(s, field, lp)
+            mine = [samples[i] for i in groups[k]]
+            for i, lp in zip(groups[k], self._response_logprobs(roles[k], mine), strict=True):
+                out[i] = lp
+        return RoleScores(out, sum(len(g) for g in groups.values()))
 
-    def score_teachers(self, samples: list[Sample]) -> None:
-        self._score_by(
-            samples,
-            lambda s: self.cfg.models.teacher_key(s.domain),
-            self.teachers,
-            "teacher_logprobs_T",
-        )
+    def score_teachers(self, samples: list[Sample]) -> RoleScores:
+        """log pi*(y_t) of every response token, from the teacher of the sample's domain."""
+        scores = self._score(samples, lambda s: self.routing[s.domain].teacher, self.teachers)
+        for s, lp in zip(samples, scores.logprobs_T, strict=True):
+            if lp is not None:
+                s.teacher_logprobs_T = lp
+        self.counts.teacher_sequences += scores.sequences
+        return scores
 
-    def score_reference(self, samples: list[Sample]) -> None:
-        """Only samples of domains with lambda != 1: for the others the reference term is zero."""
-        if not self.needs_ref:
-            return
-        cfg = self.cfg
-        self._score_by(
-            samples,
-            lambda s: cfg.models.ref_key(s.domain) if cfg.gopd.lam(s.domain) != 1.0 else None,
-            self.refs,
-            "ref_logprobs_T",
-        )
-        for s in samples:
-            if s.ref_logprobs_T is None:  # lambda == 1 for its domain: (lambda - 1) * anything = 0
-                s.ref_logprobs_T = torch.zeros(s.response_len)
+    def score_reference(self, samples: list[Sample]) -> RoleScores:
+        """log pi_ref(y_t), only for samples of domains with lambda != 1: for the others the
+        reference term (lambda - 1) * (...) is zero and their reference is never run."""
+        if not self.routing.needs_reference:
+            return RoleScores([None] * len(samples), 0)
+        scores = self._score(samples, lambda s: self.routing[s.domain].reference, self.refs)
+        for s, lp in zip(samples, scores.logprobs_T, strict=True):
+            # lambda == 1 for its domain (or no response): a placeholder the loss multiplies by 0
+            s.ref_logprobs_T = lp if lp is not None else torch.zeros(s.response_len)
+        self.counts.reference_sequences += scores.sequences
+        return scores
 
     def update(self, samples: list[Sample]) -> dict[str, float]:
         cfg = self.cfg
         _, dp = self.dp
         per_update = cfg.global_batch_size // dp
         reports, stats = [], {}
-        loss_cfg = self._loss_config()
-        frozen = self._frozen_logits if cfg.gopd.estimator != "sampled" else None
+        frozen = self._frozen_logits if cfg.loss.estimator != "sampled" else None
         for u in range(cfg.updates_per_step):
             part = samples[u * per_update : (u + 1) * per_update]
             batch = collate(
                 part,
-                domains=self.domains,
-                lam_of=cfg.gopd.lam,
-                with_ref=self.needs_ref,
+                domains=self.routing.domains,
+                lam_of=lambda d: self.routing[d].lam,
+                with_ref=self.routing.needs_reference,
                 pad_rows_to=cfg.micro_batch_size,
                 sequence_multiple=self.student.sequence_multiple,
             )
@@ -302,7 +256,7 @@ class GOPDTrainer:
                 self.opt,
                 batch,
                 micro_batch_size=cfg.micro_batch_size,
-                loss_cfg=loss_cfg,
+                loss_cfg=cfg.loss,
                 vocab_size=self.student.arch.vocab_size,
                 frozen_logits=frozen,
             )
@@ -316,35 +270,29 @@ class GOPDTrainer:
 
     # ------------------------------------------------------------------ loss plumbing
 
-    def _loss_config(self):
-        return self.cfg.gopd.loss_config()  # G-OPD and OPD+ (fdiv) fields, validated there
-
     @torch.no_grad()
     def _frozen_logits(self, mb):
         """Teacher / reference logit shards for a micro-batch (full-vocabulary estimators, PP=1):
         each row takes the logits of its own domain's teacher (and reference)."""
         S = mb.tokens_BS.shape[1]
         pos = torch.arange(S, device=mb.tokens_BS.device).unsqueeze(0).expand_as(mb.tokens_BS)
-        domains = [mb.domains[i] for i in mb.domain_ids_B.tolist()]
+        routes = [self.routing[mb.domains[i]] for i in mb.domain_ids_B.tolist()]
 
         def by_row(roles, key_of):
             out = None
-            for k in sorted({key_of(d) for d in domains} - {None}):
+            for k in sorted({key_of(r) for r in routes} - {None}):
                 rows = torch.tensor(
-                    [i for i, d in enumerate(domains) if key_of(d) == k], device=pos.device
+                    [i for i, r in enumerate(routes) if key_of(r) == k], device=pos.device
                 )
                 with roles[k].in_use():
                     logits = roles[k].model(mb.tokens_BS[rows], pos[rows], None)
                 if out is None:
-                    out = logits.new_zeros((len(domains), *logits.shape[1:]))
+                    out = logits.new_zeros((len(routes), *logits.shape[1:]))
                 out[rows] = logits
             return out
 
-        teacher = by_row(self.teachers, self.cfg.models.teacher_key)
-        ref = None
-        if self.needs_ref:
-            lam = self.cfg.gopd.lam
-            ref = by_row(self.refs, lambda d: self.cfg.models.ref_key(d) if lam(d) != 1.0 else None)
+        teacher = by_row(self.teachers, lambda r: r.teacher)
+        ref = by_row(self.refs, lambda r: r.reference) if self.routing.needs_reference else None
         return teacher, ref
 
     def _reduce_to_rank0(self, reports: list[dict]) -> dict[str, float]:
@@ -358,14 +306,11 @@ class GOPDTrainer:
         if ps.is_pipeline_last_stage():
             summed = sum_reports(reports, group=ps.get_data_parallel_group())
             metrics = {f"train/{k}": v for k, v in finalize_report(summed).items()}
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            box = [metrics]
-            dist.broadcast_object_list(
-                box,
-                src=ps.get_pipeline_model_parallel_last_rank(),
-                group=ps.get_pipeline_model_parallel_group(),
-            )
-            metrics = box[0]
+        metrics = parallel.broadcast_object(
+            metrics,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
         return dict(metrics or {})
 
     # ------------------------------------------------------------------ end of step
@@ -394,13 +339,13 @@ class GOPDTrainer:
         }
 
     def save(self, step: int) -> None:
-        if not self.cfg.save:
+        if not self.cfg.checkpoint.save:
             return
         with self.timer("save"):
             state = {"scheduler": self.opt.scheduler.state_dict(), "data": self.data.state_dict()}
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra, trained_steps=step))
             checkpointing.save_training_checkpoint(
-                self.cfg.save,
+                self.cfg.checkpoint.save,
                 step,
                 model=self.student.model,
                 optimizer=self.opt.optimizer,
@@ -417,7 +362,7 @@ class GOPDTrainer:
             return {}
         with self.timer("eval"):
             samples = self.generate(
-                self.eval_prompts, n=self.cfg.eval_n_samples, seed=self.cfg.seed + 7
+                self.eval_prompts, n=self.cfg.eval.n_samples, seed=self.cfg.seed + 7
             )
             mine = self._my_share(samples)
             answered = [s for s in mine if s.response_len > 0]
@@ -441,7 +386,7 @@ class GOPDTrainer:
         return out
 
     def _correct(self, response: str, answer: str) -> bool:
-        if self.cfg.eval_grader == "exact":
+        if self.cfg.eval.grader == "exact":
             return response.strip() == answer.strip()
         from megatron_gopd.evaluation.math_grader import grade_math
 
@@ -456,26 +401,24 @@ class GOPDTrainer:
             t_step, 1e-9
         )
         # sequences scored by the reference this step (0 for every step of a lambda == 1 run)
-        metrics["counters/reference_sequences"] = float(
-            self.counters.pop("ref_logprobs_T_sequences", 0)
-        )
-        self.counters.clear()
+        metrics["counters/reference_sequences"] = float(self.counts.reference_sequences)
+        self.counts = StepCounts()
         self.logger.log(step, metrics)
-        if dist.get_rank() == 0 and (
+        if parallel.is_rank0() and (
             step % self.cfg.log.log_interval == 0 or step == self.cfg.train_iters
         ):
             log.info(format_step_line(step, self.cfg.train_iters, metrics))
         return metrics
 
     def _on_sigterm(self, signum, frame) -> None:
-        if not self._stop and dist.get_rank() == 0:
+        if not self._stop and parallel.is_rank0():
             log.warning("SIGTERM: the run stops after this step, with a checkpoint")
         self._stop = True
 
     def stop_requested(self) -> bool:
         """Any rank got SIGTERM (``--exit-signal-handler``): all ranks agree, so that they save
         and leave together. One tiny all-reduce per step."""
-        if not self.cfg.exit_signal_handler:
+        if not self.cfg.checkpoint.exit_signal_handler:
             return False
         flag = torch.tensor([1.0 if self._stop else 0.0])
         if dist.get_world_size() > 1:

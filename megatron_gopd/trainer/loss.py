@@ -48,8 +48,7 @@ from megatron_gopd.gopd import (
 )
 from megatron_gopd.gopd.metrics import build_report
 from megatron_gopd.types import RolloutBatch
-from megatron_gopd.vocab_parallel import vocab_parallel_logprobs
-from megatron_gopd.vocab_parallel_gopd import vocab_parallel_gopd_objective
+from megatron_gopd.vocab_parallel import vocab_parallel_gopd_objective, vocab_parallel_logprobs
 
 __all__ = ["gopd_loss"]
 

@@ -27,24 +27,28 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from megatron_gopd.models import (
+from megatron_gopd import parallel
+from megatron_gopd.flags import flag
+from megatron_gopd.models.checkpoint import (
     LATEST_FILE,
     META_FILE,
     MODEL_SUBDIR,
     TOKENIZER_SUBDIR,
     CheckpointMeta,
+    load_model_weights,
     resolve_checkpoint,
 )
 from megatron_gopd.utils import GopdError, get_logger
 
 __all__ = [
+    "CheckpointConfig",
     "has_checkpoint",
     "iteration_dir",
     "load_training_checkpoint",
@@ -52,6 +56,30 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+GROUP = "checkpointing, evaluation, logging (Megatron-LM names)"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    FLAG_GROUP = GROUP
+
+    save: str | None = flag(
+        None, help="directory for checkpoints and run outputs (metrics, logs, plots)"
+    )
+    load: str | None = flag(
+        None,
+        help="resume from this save directory (its latest iteration); a directory without "
+        "checkpoints starts a new run from --student-load, so a requeued job can pass --load "
+        "and --save the same directory",
+    )
+    save_interval: int = flag(0, help="steps between checkpoints (0: at the end only)")
+    exit_signal_handler: bool = flag(
+        False,
+        help="on SIGTERM, finish the current step, save a checkpoint and exit 0 (time limits, "
+        "preemption; the Slurm launcher sends it)",
+    )
+
 
 OPTIM_SUBDIR = "optim"
 # How the distributed optimizer's state is sharded in the checkpoint: Megatron-LM's default, fast to
@@ -70,15 +98,6 @@ def has_checkpoint(load: str | Path) -> bool:
 
 def iteration_dir(save: str | Path, step: int) -> Path:
     return Path(save) / f"iter_{step:07d}"
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _rng_state() -> dict[str, Any]:
@@ -124,22 +143,22 @@ def save_training_checkpoint(
     save = Path(save)
     final = iteration_dir(save, step)
     tmp = save / f".{final.name}.tmp"
-    if _rank() == 0:
+    if parallel.is_rank0():
         save.mkdir(parents=True, exist_ok=True)
         for stale in save.glob(".iter_*.tmp"):  # left by an interrupted save
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / MODEL_SUBDIR).mkdir(parents=True)
         (tmp / OPTIM_SUBDIR).mkdir()
         (tmp / RNG_SUBDIR).mkdir()
-    _barrier()
+    parallel.barrier()
     model_sd = model.sharded_state_dict()
     dist_checkpointing.save(model_sd, str(tmp / MODEL_SUBDIR))
     dist_checkpointing.save(
         optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIM_METADATA),
         str(tmp / OPTIM_SUBDIR),
     )
-    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
-    if _rank() == 0:
+    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{parallel.rank():05d}.pt")
+    if parallel.is_rank0():
         (tmp / META_FILE).write_text(meta.to_json())
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_SUBDIR, dirs_exist_ok=True)
@@ -147,18 +166,18 @@ def save_training_checkpoint(
             trainer_state,
             step=step,
             adam_step=_adam_step(optimizer),
-            world_size=dist.get_world_size() if dist.is_initialized() else 1,
+            world_size=parallel.world_size(),
         )
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-    _barrier()
-    if _rank() == 0:
+    parallel.barrier()
+    if parallel.is_rank0():
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         latest_tmp = save / f".{LATEST_FILE}.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, save / LATEST_FILE)
-    _barrier()
+    parallel.barrier()
     return final
 
 
@@ -228,8 +247,6 @@ def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str,
     data position). Collective over all ranks."""
     from megatron.core import dist_checkpointing
 
-    from megatron_gopd.models import load_model_weights
-
     ckpt = resolve_checkpoint(load)
     state_file = ckpt / STATE_FILE
     if not state_file.is_file() or not (ckpt / OPTIM_SUBDIR / "metadata.json").is_file():
@@ -251,13 +268,13 @@ def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str,
         ) from e
     optimizer.load_state_dict(loaded)
     _restore_adam_steps(optimizer, state.get("adam_step"))
-    rng_file = ckpt / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng_file = ckpt / RNG_SUBDIR / f"rank_{parallel.rank():05d}.pt"
+    world = parallel.world_size()
     if rng_file.is_file() and state.get("world_size") == world:
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    elif _rank() == 0:
+    elif parallel.is_rank0():
         log.warning(
             "RNG states not restored (saved with %s ranks, now %s)", state.get("world_size"), world
         )
-    _barrier()
+    parallel.barrier()
     return state

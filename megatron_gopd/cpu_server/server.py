@@ -3,7 +3,7 @@
 SGLang cannot run on CPU-only machines (its HTTP server imports the CUDA-built ``sgl_kernel``), so
 the rollout client, the launcher and weight sync are exercised against this stand-in::
 
-    python -m megatron_gopd.rollout.cpu_server --model-path HF_DIR [--port 30000]
+    python -m megatron_gopd.cpu_server --model-path HF_DIR [--port 30000]
 
 Same endpoints, request checks, response and error shapes as SGLang 0.5.23 (see
 :mod:`megatron_gopd.rollout.protocol`) for what a trainer uses: ``/generate`` (``input_ids`` only:
@@ -13,7 +13,7 @@ the server always runs as with ``--skip-tokenizer-init``), ``/health``, ``/healt
 ``/update_weights_from_distributed`` (gloo) + ``/destroy_weights_update_group``,
 ``/update_weights_from_disk``, ``/get_weights_by_name``, ``/release_memory_occupation`` and
 ``/resume_memory_occupation`` (no-ops that keep the weights), ``/model_info``, ``/server_info``.
-Model semantics are in :mod:`megatron_gopd.rollout.cpu_engine`.
+Model semantics are in :mod:`megatron_gopd.cpu_server.engine`.
 
 Stdlib ``http.server`` with a thread per request: no web framework in the base install, and the
 model is the bottleneck anyway (one model step at a time; requests interleave between steps).
@@ -43,7 +43,7 @@ from megatron_gopd.utils import cli_errors, get_logger
 
 __all__ = ["CpuServer", "main"]
 
-log = get_logger("megatron_gopd.rollout.cpu_server")  # not __name__: also run as __main__
+log = get_logger("megatron_gopd.cpu_server")  # not __name__: also run as __main__
 
 # sampling fields SGLang accepts that this server does not implement, with their neutral values
 _UNSUPPORTED_NEUTRAL = {
@@ -85,7 +85,7 @@ def _require(body: Any, *keys: str) -> dict:
 
 
 class CpuServer:
-    """Routes SGLang's endpoints to a :class:`~megatron_gopd.rollout.cpu_engine.CpuEngine`."""
+    """Routes SGLang's endpoints to a :class:`~megatron_gopd.cpu_server.engine.CpuEngine`."""
 
     def __init__(self, engine, host: str = "127.0.0.1", port: int = 30000):
         self.engine = engine
@@ -148,7 +148,7 @@ class CpuServer:
     # ------------------------------------------------------------------ generation
 
     def generate(self, body, query):
-        from megatron_gopd.rollout.cpu_engine import GenItem
+        from megatron_gopd.cpu_server.engine import GenItem
 
         try:
             check_generate(body)
@@ -429,7 +429,7 @@ def _per_item(value: Any, n: int, default: Any) -> list[Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m megatron_gopd.rollout.cpu_server",
+        prog="python -m megatron_gopd.cpu_server",
         description="CPU stand-in for an SGLang server (native API) running an HF model.",
     )
     p.add_argument("--model-path", required=True, help="Hugging Face model directory")
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from megatron_gopd.rollout.cpu_engine import CpuEngine
+    from megatron_gopd.cpu_server.engine import CpuEngine
     from megatron_gopd.utils import GopdError
 
     args = build_parser().parse_args(argv)

@@ -16,12 +16,42 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 
+from megatron_gopd.flags import flag
 from megatron_gopd.types import RolloutBatch, Sample
 
-__all__ = ["Optimizer", "build_optimizer", "collate", "train_step"]
+__all__ = ["OptimConfig", "Optimizer", "build_optimizer", "collate", "train_step"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam, gradient clipping and the learning-rate schedule (Megatron-LM's flag names)."""
+
+    FLAG_GROUP = "optimization (Megatron-LM names)"
+
+    lr: float = flag(1e-5, help="peak learning rate (the paper: 1e-5, constant)")
+    min_lr: float = flag(0.0, help="learning rate at the end of a cosine or linear decay")
+    lr_decay_style: Literal["constant", "cosine", "linear"] = flag(
+        "constant", help="learning-rate schedule after the warm-up"
+    )
+    lr_warmup_iters: int = flag(0, help="steps of linear warm-up from 0 to --lr")
+    lr_decay_iters: int | None = flag(
+        None, help="steps over which the learning rate decays", default_help="--train-iters"
+    )
+    weight_decay: float = flag(0.0, help="decoupled (AdamW) weight decay")
+    adam_beta1: float = flag(0.9, help="Adam's first-moment decay")
+    adam_beta2: float = flag(0.98, help="Adam's second-moment decay")
+    adam_eps: float = flag(1e-8, help="Adam's epsilon")
+    clip_grad: float = flag(1.0, help="clip the global gradient norm to this (0: no clipping)")
+    use_distributed_optimizer: bool = flag(
+        False,
+        group="parallelism and batches (Megatron-LM names)",
+        help="shard the optimizer state and fp32 main parameters over the data-parallel ranks "
+        "(Megatron's distributed optimizer)",
+    )
 
 
 def collate(
@@ -168,7 +198,7 @@ def train_step(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_gopd import platform
-    from megatron_gopd.loss import gopd_loss
+    from megatron_gopd.trainer.loss import gopd_loss
 
     device = platform.device()
     rows, S = batch.tokens_BS.shape

@@ -16,17 +16,41 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
+from megatron_gopd import parallel
+from megatron_gopd.flags import flag
 from megatron_gopd.utils import get_logger
 
-__all__ = ["MetricsLogger", "PhaseTimer", "format_step_line", "sum_reports"]
+__all__ = ["LogConfig", "MetricsLogger", "PhaseTimer", "format_step_line", "sum_reports"]
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    FLAG_GROUP = "checkpointing, evaluation, logging (Megatron-LM names)"
+
+    log_interval: int = flag(1, help="steps between console lines (every step is in the logs)")
+    tensorboard_dir: str | None = flag(
+        None, help="TensorBoard event directory", default_help="SAVE/tensorboard"
+    )
+    wandb_project: str | None = flag(None, help="Weights & Biases project (off when unset)")
+    wandb_exp_name: str | None = flag(None, help="Weights & Biases run name")
+    wandb_save_dir: str | None = flag(
+        None, help="Weights & Biases local directory", default_help="SAVE"
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] = flag(
+        "online", help="Weights & Biases mode (offline: no network, sync later)"
+    )
+    progress: bool = flag(
+        True, name="--no-progress", invert=True, help="no progress bars (log lines only)"
+    )
 
 
 class PhaseTimer:
@@ -93,7 +117,7 @@ class MetricsLogger:
         run_config: dict[str, Any] | None = None,
         resume_step: int = 0,
     ):
-        self.enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.enabled = parallel.is_rank0()
         self.cfg = cfg
         self._jsonl = None
         self._tb = None

@@ -47,7 +47,7 @@ do; with the teacher's logits at hand, ``full_vocab`` is the exact expectation.
 Vocab parallelism. Each rank holds the same slice of the three (padded) vocabularies. Per position
 it reduces its slice to a dozen scalars (local maxima; sums of ``exp``; ``sum e_z (z - m)``,
 ``sum e_z (t - m_t)``, ``sum e_z (u - m_u)`` over ``K``; the rest-cell masses) and one MAX and one
-SUM all-reduce combine them, as in :mod:`megatron_gopd.vocab_parallel`. The backward recomputes (*)
+SUM all-reduce combine them, as in :mod:`megatron_gopd.vocab_parallel.logprobs`. The backward recomputes (*)
 chunk by chunk and by default writes the gradient into the student logits' storage. The teacher's
 and reference's logits get no gradient (they are frozen roles). Columns at or beyond
 ``vocab_size`` are padding and excluded from every softmax.
@@ -60,7 +60,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from megatron_gopd.vocab_parallel import _as_fp32, _ChunkBuffers, _chunks, _group_rank_size
+from megatron_gopd.vocab_parallel.chunking import ChunkBuffers, as_fp32, group_rank_size, row_chunks
 
 __all__ = ["GOPDObjective", "topk_threshold", "vocab_parallel_gopd_objective"]
 
@@ -97,7 +97,7 @@ def topk_threshold(
     ``-inf`` where ``k`` covers the whole vocabulary (then every token is its own cell). Each rank
     contributes its local top-k; one all-gather of ``[T, k]`` values finds the global k-th.
     """
-    rank, world = _group_rank_size(group)
+    rank, world = group_rank_size(group)
     T, v_local = logits.shape
     valid = _valid_columns(v_local, rank * v_local, vocab_size)
     n_real = vocab_size if vocab_size is not None else v_local * world
@@ -106,7 +106,7 @@ def topk_threshold(
     local = torch.full((T, k), float("-inf"), device=logits.device)
     kk = min(k, valid)
     if kk > 0:
-        for a, b in _chunks(T, valid, chunk_elements):
+        for a, b in row_chunks(T, valid, chunk_elements):
             local[a:b, :kk] = logits[a:b, :valid].topk(kk, dim=-1).values.float()
     if world > 1:
         parts = [torch.empty_like(local) for _ in range(world)]
@@ -119,7 +119,7 @@ class _VocabParallelGOPD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, t, u, target, lam, thr, group, vocab_size, chunk_elements, inplace):
         ctx.set_materialize_grads(False)
-        rank, world = _group_rank_size(group)
+        rank, world = group_rank_size(group)
         T, v_local = z.shape
         start = rank * v_local
         valid = _valid_columns(v_local, start, vocab_size)
@@ -133,11 +133,11 @@ class _VocabParallelGOPD(torch.autograd.Function):
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
         # scratch: 0 z (fp32 copy), 1 t / u (fp32 copy), 2 z - m, 3 e_z, 4 t - m / u - m, 5 exp,
         # 6 products; plus a bool mask for the top-k cells
-        bufs = _ChunkBuffers(T, valid, chunk_elements, dev)
-        for a, b in _chunks(T, valid, chunk_elements) if valid > 0 else ():
+        bufs = ChunkBuffers(T, valid, chunk_elements, dev)
+        for a, b in row_chunks(T, valid, chunk_elements) if valid > 0 else ():
             n = b - a
-            x = _as_fp32(z[a:b, :valid], bufs, 0)  # a view for fp32: never modified in place
-            tq = _as_fp32(t[a:b, :valid], bufs, 1)
+            x = as_fp32(z[a:b, :valid], bufs, 0)  # a view for fp32: never modified in place
+            tq = as_fp32(t[a:b, :valid], bufs, 1)
             mz, mq = x.amax(dim=-1), tq.amax(dim=-1)
             mx[0, a:b], mx[1, a:b] = mz, mq
             st[ZY, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
@@ -160,7 +160,7 @@ class _VocabParallelGOPD(torch.autograd.Function):
                 st[KM, a:b], st[KZ, a:b] = st[SZ, a:b], st[EZ, a:b]
             st[KQ, a:b] = _rowdot(e, qs, bufs.get(6, n))
             if has_ref:
-                tr = _as_fp32(u[a:b, :valid], bufs, 1)
+                tr = as_fp32(u[a:b, :valid], bufs, 1)
                 mr = tr.amax(dim=-1)
                 mx[2, a:b] = mr
                 rs = torch.sub(tr, mr.unsqueeze(-1), out=bufs.get(4, n))
@@ -259,16 +259,16 @@ class _VocabParallelGOPD(torch.autograd.Function):
         g = g_obj.float()
         if valid < v_local:
             grad[:, valid:].zero_()
-        bufs = _ChunkBuffers(T, valid, ctx.chunk_elements, z.device)
-        for a, b in _chunks(T, valid, ctx.chunk_elements) if valid > 0 else ():
+        bufs = ChunkBuffers(T, valid, ctx.chunk_elements, z.device)
+        for a, b in row_chunks(T, valid, ctx.chunk_elements) if valid > 0 else ():
             n = b - a
-            x = _as_fp32(z[a:b, :valid], bufs, 0)
+            x = as_fp32(z[a:b, :valid], bufs, 0)
             lamc = lam[a:b].unsqueeze(-1)
             # A(i) - J = log p_i - lam log q_i + (lam - 1) log r_i - J            (see (*))
-            tq = _as_fp32(t[a:b, :valid], bufs, 1)
+            tq = as_fp32(t[a:b, :valid], bufs, 1)
             adv = torch.sub(tq, lse_q[a:b].unsqueeze(-1), out=bufs.get(2, n)).mul_(-lamc)
             if ctx.has_ref:
-                tr = _as_fp32(u[a:b, :valid], bufs, 1)
+                tr = as_fp32(u[a:b, :valid], bufs, 1)
                 lr = torch.sub(tr, lse_r[a:b].unsqueeze(-1), out=bufs.get(3, n))
                 adv.add_(lr.mul_(lamc - 1.0))
             logp = torch.sub(x, lse_z[a:b].unsqueeze(-1), out=bufs.get(3, n))

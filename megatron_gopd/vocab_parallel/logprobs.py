@@ -44,9 +44,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_gopd.vocab_parallel.chunking import (
+    DEFAULT_CHUNK_ELEMENTS,
+    ChunkBuffers,
+    as_fp32,
+    group_rank_size,
+    row_chunks,
+)
+
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "vocab_parallel_logprobs"]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64 Mi fp32 values = 256 MiB per temporary
 # overwrite_logits with the entropy: the one temporary (z - m) holds at most this many fp32 values
 # (1 MiB, or one row of a wider vocabulary slice), or a sixteenth of a chunk when chunks are larger
 # (CUDA: 4 MiB, fewer kernel launches), so that the loss's peak memory is the logits' plus O(tokens)
@@ -54,48 +61,6 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64 Mi fp32 values = 256 MiB per temporary
 # more, smaller operations: 8-27% on this function's forward+backward on CPU (2 cores, noisy)
 # against one whole 4 MiB chunk; the loss stays at 0.85-0.88x megatron-core's time.
 _OVERWRITE_ENTROPY_BLOCK = 1 << 18
-
-
-def _group_rank_size(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _chunks(n_rows: int, n_cols: int, chunk_elements: int):
-    step = max(1, chunk_elements // max(1, n_cols))
-    for s in range(0, n_rows, step):
-        yield s, min(n_rows, s + step)
-
-
-class _ChunkBuffers:
-    """fp32 ``[rows_per_chunk, cols]`` scratch tensors, allocated once per call and reused by every
-    chunk: a fresh allocation per chunk costs page faults on the host (~1.5x slower measured)."""
-
-    def __init__(self, n_rows: int, n_cols: int, chunk_elements: int, device):
-        self.rows = min(n_rows, max(1, chunk_elements // max(1, n_cols)))
-        self.cols, self.device = n_cols, device
-        self._bufs: dict[int, torch.Tensor] = {}
-
-    def get(self, i: int, n: int) -> torch.Tensor:
-        if i not in self._bufs:
-            self._bufs[i] = torch.empty(
-                (self.rows, self.cols), device=self.device, dtype=torch.float32
-            )
-        return self._bufs[i][:n]
-
-    def mask(self, n: int) -> torch.Tensor:
-        """A bool scratch tensor of the same shape."""
-        if -1 not in self._bufs:
-            self._bufs[-1] = torch.empty(
-                (self.rows, self.cols), device=self.device, dtype=torch.bool
-            )
-        return self._bufs[-1][:n]
-
-
-def _as_fp32(x: torch.Tensor, bufs: _ChunkBuffers, i: int) -> torch.Tensor:
-    """``x`` itself when it is fp32 (a view: no copy), else its fp32 copy in buffer ``i``."""
-    return x if x.dtype == torch.float32 else bufs.get(i, x.shape[0]).copy_(x)
 
 
 class _VocabParallelLogProb(torch.autograd.Function):
@@ -114,7 +79,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
         # Unused outputs (the entropy, when only the log-prob enters the loss) get None, not a
         # materialised zero tensor: the backward then skips the entropy term entirely.
         ctx.set_materialize_grads(False)
-        rank, world = _group_rank_size(group)
+        rank, world = group_rank_size(group)
         T, v_local = logits.shape
         start = rank * v_local
         valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - start))
@@ -127,13 +92,13 @@ class _VocabParallelLogProb(torch.autograd.Function):
         local_t = target - start
         has_t = (local_t >= 0) & (local_t < valid)
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
-        bufs = _ChunkBuffers(T, valid, chunk_elements, dev)
+        bufs = ChunkBuffers(T, valid, chunk_elements, dev)
         block = min(chunk_elements, max(_OVERWRITE_ENTROPY_BLOCK, chunk_elements // 16))
-        ent_buf = _ChunkBuffers(T, valid, block, dev)
-        for a, b in _chunks(T, valid, chunk_elements) if valid > 0 else ():
+        ent_buf = ChunkBuffers(T, valid, block, dev)
+        for a, b in row_chunks(T, valid, chunk_elements) if valid > 0 else ():
             n = b - a
             x = logits[a:b, :valid]
-            xf = x if overwrite else _as_fp32(x, bufs, 0)
+            xf = x if overwrite else as_fp32(x, bufs, 0)
             m = xf.amax(dim=-1)
             m_loc[a:b] = m
             sums[2, a:b] = xf.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
@@ -143,7 +108,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
                 # e lands in the logits' storage; z - m (for the entropy) goes through a scratch
                 # block a fraction of a chunk in size
                 e = x
-                for c, d in _chunks(n, valid, block):
+                for c, d in row_chunks(n, valid, block):
                     xs = torch.sub(x[c:d], m[c:d].unsqueeze(-1), out=ent_buf.get(0, d - c))
                     torch.exp(xs, out=x[c:d])
                     sums[1, a + c : a + d] = xs.mul_(x[c:d]).sum(dim=-1)
@@ -208,7 +173,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
                 # -g p - h p (log p + H)  =  -p (g + h H) - h xlogy(p, p)
                 hh = g_entropy.float()
                 coef = (g_lp + hh * entropy).neg_().unsqueeze(-1)
-                for a, b in _chunks(T, valid, ctx.chunk_elements):
+                for a, b in row_chunks(T, valid, ctx.chunk_elements):
                     pc = grad[a:b, :valid].mul_(p_coef[a:b].unsqueeze(-1))
                     t = torch.xlogy(pc, pc).mul_(hh[a:b].unsqueeze(-1))
                     pc.mul_(coef[a:b]).sub_(t)
@@ -222,11 +187,11 @@ class _VocabParallelLogProb(torch.autograd.Function):
         grad = logits if ctx.inplace else torch.empty_like(logits)
         if valid < v_local:
             grad[:, valid:].zero_()
-        bufs = _ChunkBuffers(T, valid, ctx.chunk_elements, logits.device)
-        for a, b in _chunks(T, valid, ctx.chunk_elements) if valid > 0 else ():
+        bufs = ChunkBuffers(T, valid, ctx.chunk_elements, logits.device)
+        for a, b in row_chunks(T, valid, ctx.chunk_elements) if valid > 0 else ():
             n = b - a
             x = logits[a:b, :valid]
-            xf = _as_fp32(x, bufs, 0)
+            xf = as_fp32(x, bufs, 0)
             logp = torch.sub(xf, p_coef[a:b].unsqueeze(-1), out=bufs.get(1, n))
             p = torch.exp(logp, out=bufs.get(0 if xf is not x else 2, n))
             gl = g_lp[a:b].unsqueeze(-1)

@@ -1,8 +1,8 @@
 """The trainer's side of rollouts: start or attach servers, sample, push weights, shut down.
 
 Binds :mod:`megatron_gopd.rollout` (client, launcher) and :mod:`megatron_gopd.sync` (weight push)
-to a :class:`~megatron_gopd.config.TrainConfig`. Only global rank 0 talks HTTP; weight pushes are
-collective (every rank contributes its shards).
+to a :class:`RolloutConfig`. Only global rank 0 talks HTTP; weight pushes are collective (every
+rank contributes its shards).
 
 Launched servers (``--rollout-engine sglang|cpu``) need a Hugging Face directory to start from: the
 student's weights *as the trainer holds them* (initial or resumed) are exported to
@@ -12,35 +12,81 @@ from the resumed weights. Attached servers (``external``) get those weights by t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import torch.distributed as dist
-
-from megatron_gopd.config import TrainConfig
-from megatron_gopd.data import Prompt
+from megatron_gopd import parallel
+from megatron_gopd.flags import flag
+from megatron_gopd.trainer.data import Prompt
 from megatron_gopd.types import Sample
 from megatron_gopd.utils import GopdError, get_logger
 
-__all__ = ["RolloutSide", "make_rollout"]
+__all__ = ["RolloutConfig", "RolloutSide", "make_rollout"]
 
 log = get_logger(__name__)
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling, the rollout servers and the weight sync to them."""
 
+    FLAG_GROUP = "rollout"
 
-def _agree(error: str | None) -> None:
-    """Every rank raises rank 0's error (none waits forever in a collective)."""
-    box = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise GopdError(box[0])
+    rollout_batch_size: int = flag(32, help="prompts per training step")
+    n_samples_per_prompt: int = flag(4, help="responses sampled per prompt")
+    temperature: float = flag(
+        1.0, name="--rollout-temperature", help="sampling temperature (the paper: 1.0)"
+    )
+    top_p: float = flag(1.0, name="--rollout-top-p", help="nucleus sampling mass (1: off)")
+    top_k: int = flag(-1, name="--rollout-top-k", help="sample among the k likeliest (-1: off)")
+    max_response_len: int = flag(1024, help="longest response in tokens (longer: truncated)")
+    engine: Literal["sglang", "cpu", "external"] = flag(
+        "sglang",
+        name="--rollout-engine",
+        help="sglang: start SGLang servers; cpu: start our protocol-compatible CPU server; "
+        "external: attach to --rollout-urls",
+    )
+    urls: tuple[str, ...] = flag(
+        (),
+        name="--rollout-urls",
+        help="existing servers (or an sglang-router URL) for --rollout-engine external",
+    )
+    num_servers: int = flag(1, name="--rollout-num-servers", help="servers to launch")
+    max_in_flight: int = flag(
+        256, name="--rollout-max-in-flight", help="requests in flight per server"
+    )
+    timeout_s: float = flag(600.0, name="--rollout-timeout", help="seconds per request")
+    sglang_tp_size: int = flag(1, help="tensor-parallel GPUs per SGLang server")
+    sglang_mem_fraction_static: float = flag(
+        0.6, help="share of GPU memory SGLang takes for weights and KV cache"
+    )
+    sglang_enable_memory_saver: bool = flag(
+        False,
+        help="launch SGLang with --enable-memory-saver (implied by --rollout-colocate)",
+    )
+    colocate: bool = flag(
+        False,
+        name="--rollout-colocate",
+        help="the rollout servers share the training GPUs: release their memory while the "
+        "trainer works, resume it for weight sync and rollouts",
+    )
+    sglang_base_gpu_id: int = flag(0, help="first GPU of the first server on its node")
+    weight_sync: Literal["tensor", "distributed", "disk"] = flag(
+        "distributed", help="how student weights reach the rollout servers after each update"
+    )
+    weight_sync_bucket_mb: int = flag(512, help="MiB of weights per transfer")
+    weight_sync_check: bool = flag(
+        False, help="after each push, compare the servers' weights with the trainer's"
+    )
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.rollout_batch_size * self.n_samples_per_prompt
 
 
 class RolloutSide:
-    def __init__(self, cfg: TrainConfig, tokenizer):
+    def __init__(self, cfg, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.servers = None
@@ -69,7 +115,7 @@ class RolloutSide:
     def check_reachable(self) -> None:
         """Attached servers must answer before any model is built (rank 0 asks, all raise)."""
         error = None
-        if self.cfg.rollout.engine == "external" and _rank0():
+        if self.cfg.rollout.engine == "external" and parallel.is_rank0():
             from megatron_gopd.rollout import RolloutServers, ServerLaunchConfig
 
             try:
@@ -78,7 +124,7 @@ class RolloutSide:
                 ).start()
             except GopdError as e:
                 error = str(e)
-        _agree(error)
+        parallel.raise_rank0_error(error)
         # colocated servers hold GPU memory from their launch: free it before models are built
         self.release_memory()
 
@@ -91,7 +137,7 @@ class RolloutSide:
         hf_dir = self.workdir / "init_hf"
         export_role_to_hf(role, hf_dir, tokenizer=self.tokenizer)
         error = None
-        if _rank0():
+        if parallel.is_rank0():
             try:
                 self.servers = RolloutServers(
                     ServerLaunchConfig(
@@ -109,14 +155,14 @@ class RolloutSide:
                 ).start()
             except GopdError as e:
                 error = str(e)
-        _agree(error)
+        parallel.raise_rank0_error(error)
 
     def _connect(self) -> None:
         from megatron_gopd.rollout import ClientConfig, RolloutClient
         from megatron_gopd.sync import SyncConfig, WeightSyncer
 
         r = self.cfg.rollout
-        if _rank0():
+        if parallel.is_rank0():
             self.client = RolloutClient(
                 lambda: self.servers.urls,
                 ClientConfig(
@@ -127,7 +173,7 @@ class RolloutSide:
                 replace_server=self.servers.replace if r.engine != "external" else None,
                 generate_url=self.servers.generate_url,
             )
-        urls = (lambda: self.servers.urls) if _rank0() else (lambda: [])
+        urls = (lambda: self.servers.urls) if parallel.is_rank0() else (lambda: [])
         self.syncer = WeightSyncer(
             SyncConfig(
                 transport=r.weight_sync,
@@ -136,7 +182,7 @@ class RolloutSide:
                 check=r.weight_sync_check,
             ),
             urls,
-            tp_size_of=(self.servers.tp_size if _rank0() else None),
+            tp_size_of=(self.servers.tp_size if parallel.is_rank0() else None),
         )
 
     def push_weights(self, role) -> None:
@@ -155,13 +201,13 @@ class RolloutSide:
     def release_memory(self) -> None:
         """``--rollout-colocate``: the servers free their weights and KV cache while the trainer
         works (SGLang's ``/release_memory_occupation``, with ``--enable-memory-saver``)."""
-        if self.cfg.rollout.colocate and _rank0() and self.servers is not None:
+        if self.cfg.rollout.colocate and parallel.is_rank0() and self.servers is not None:
             from megatron_gopd.rollout import RolloutClient
 
             (self.client or RolloutClient(self.servers.urls)).release_memory()
 
     def _resume_memory(self, tags: list[str]) -> None:
-        if self.cfg.rollout.colocate and _rank0() and self.client is not None:
+        if self.cfg.rollout.colocate and parallel.is_rank0() and self.client is not None:
             self.client.resume_memory(tags)
 
     # ------------------------------------------------------------------ sampling
@@ -187,9 +233,9 @@ class RolloutSide:
     def shutdown(self) -> None:
         if self.syncer is not None:
             self.syncer.close()
-        if self.servers is not None and _rank0():
+        if self.servers is not None and parallel.is_rank0():
             self.servers.stop()
 
 
-def make_rollout(cfg: TrainConfig, tokenizer) -> RolloutSide:
+def make_rollout(cfg, tokenizer) -> RolloutSide:
     return RolloutSide(cfg, tokenizer)

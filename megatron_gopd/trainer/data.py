@@ -11,17 +11,61 @@ state is ``(epoch, offset)``, saved in checkpoints so that a resumed run sees th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megatron_gopd.flags import flag
 from megatron_gopd.utils import GopdError, json_object_line
 
-__all__ = ["Prompt", "PromptDataset", "PromptIterator", "load_prompts"]
+__all__ = ["DataConfig", "Prompt", "PromptDataset", "PromptIterator", "load_prompts"]
 
 DEFAULT_DOMAIN = "default"
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+_json_object.__name__ = "JSON object"  # argparse's "invalid JSON object value: ..."
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    FLAG_GROUP = "data"
+
+    prompt_data: str | None = flag(
+        None,
+        help="jsonl: 'prompt' or 'messages', optional 'domain', extra fields kept",
+        default_help="required",
+    )
+    eval_prompt_data: str | None = flag(
+        None, help="jsonl of fixed evaluation prompts (same format)"
+    )
+    apply_chat_template: bool = flag(
+        False, help="wrap each prompt in the tokenizer's chat template (chat models)"
+    )
+    chat_template_kwargs: dict | None = flag(
+        None,
+        type=_json_object,
+        metavar="JSON",
+        help="extra chat-template variables, e.g. '{\"enable_thinking\": false}' for Qwen3 "
+        "non-thinking models",
+    )
+    max_prompt_len: int = flag(
+        1024, help="longest prompt in tokens; a longer one is an error naming its line"
+    )
+    tokenizer: str | None = flag(
+        None,
+        help="HF tokenizer directory",
+        default_help="the student checkpoint's tokenizer/",
+    )
 
 
 @dataclass

@@ -1,0 +1,284 @@
+"""``gopd-train``'s configuration: the components' typed configs composed into one
+:class:`TrainConfig`, the command line derived from them, and the checks that span components.
+
+Every setting is defined once, as a field of the config of the component that uses it (see
+:mod:`megatron_gopd.flags`)::
+
+    ParallelConfig     megatron_gopd.parallel              --tensor-model-parallel-size, ...
+    ModelsConfig       here                                --student-load, --bf16, ...
+    Routing            megatron_gopd.trainer.routing       --teacher-load, --ref-load, --gopd-lambda
+    GOPDLossConfig     megatron_gopd.gopd.config           --gopd-estimator, --fdiv-*, ...
+    OptimConfig        megatron_gopd.trainer.update        --lr, --adam-beta2, ...
+    DataConfig         megatron_gopd.trainer.data          --prompt-data, --max-prompt-len, ...
+    RolloutConfig      megatron_gopd.trainer.rollout_side  --rollout-*, --sglang-*, --weight-sync*
+    CheckpointConfig   megatron_gopd.trainer.checkpointing --save, --load, ...
+    EvalConfig         here                                --eval-interval, ...
+    LogConfig          megatron_gopd.trainer.tracking      --log-interval, --wandb-*, ...
+    TrainConfig        here                                --train-iters, --micro-batch-size, ...
+
+:func:`build_parser` derives the flags (names, defaults, choices, help) from those fields;
+:func:`parse_args` adds YAML config files (keys are the flag names with underscores; the command
+line wins, and a list flag on the command line replaces the file's list); :func:`build_config`
+builds the composed config and checks what can be checked without touching a file, a model or a
+server. :mod:`megatron_gopd.trainer.preflight` then checks the files. Nothing below the driver sees
+the argparse namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from megatron_gopd.flags import (
+    FlagFormatter,
+    add_flags,
+    config_from_args,
+    flag,
+    flag_fields,
+    flag_name,
+)
+from megatron_gopd.gopd import GOPDLossConfig, LossConfigError
+from megatron_gopd.gopd.config import FDIV_FLAG_GROUP as _FDIV_GROUP
+from megatron_gopd.parallel import ParallelConfig
+from megatron_gopd.trainer.checkpointing import GROUP as CKPT_GROUP
+from megatron_gopd.trainer.checkpointing import CheckpointConfig
+from megatron_gopd.trainer.data import DEFAULT_DOMAIN, DataConfig
+from megatron_gopd.trainer.rollout_side import RolloutConfig
+from megatron_gopd.trainer.routing import Routing
+from megatron_gopd.trainer.tracking import LogConfig
+from megatron_gopd.trainer.update import OptimConfig
+from megatron_gopd.utils import GopdError
+
+__all__ = [
+    "EvalConfig",
+    "ModelsConfig",
+    "TrainConfig",
+    "build_config",
+    "build_parser",
+    "parse_args",
+]
+
+_BATCHES = ParallelConfig.FLAG_GROUP
+_OPTIM = OptimConfig.FLAG_GROUP
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The student and how every role is built (teachers and references: :class:`Routing`)."""
+
+    FLAG_GROUP = "models"
+
+    student_load: str | None = flag(
+        None,
+        help="student checkpoint (tools/convert_hf_to_megatron.py output)",
+        default_help="required",
+    )
+    offload_frozen: bool = flag(
+        False, help="keep teacher/reference weights in host memory between scoring passes"
+    )
+    bf16: bool = flag(False, help="bf16 models (fp32 main params in the optimizer)")
+    transformer_impl: Literal["auto", "local", "te"] = flag(
+        "auto",
+        help="layer implementation: Transformer Engine when available (auto), or local",
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The trainer's periodic evaluation on ``--eval-prompt-data``."""
+
+    FLAG_GROUP = CKPT_GROUP
+
+    interval: int = flag(0, name="--eval-interval", help="steps between evaluations (0: never)")
+    n_samples: int = flag(1, name="--eval-n-samples", help="responses per evaluation prompt")
+    grader: Literal["math", "exact"] = flag(
+        "math",
+        name="--eval-grader",
+        help="how evaluation prompts' 'answer' is checked: math-verify on the last \\boxed{} "
+        "(math), or the whole response equal to the answer (exact)",
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole job: one config per component, and the run's own schedule."""
+
+    parallel: ParallelConfig
+    models: ModelsConfig
+    routing: Routing
+    loss: GOPDLossConfig
+    data: DataConfig
+    rollout: RolloutConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    eval: EvalConfig
+    log: LogConfig
+    micro_batch_size: int = flag(1, group=_BATCHES, help="samples per forward pass")
+    global_batch_size: int | None = flag(
+        None,
+        group=_BATCHES,
+        help="samples per optimizer step",
+        default_help="the whole rollout batch, i.e. one on-policy update per rollout as in the "
+        "paper",
+    )
+    train_iters: int = flag(100, group=_OPTIM, help="training steps (rollout batches)")
+    seed: int = flag(
+        1234, group=_OPTIM, help="random seed (initialisation, data order, sampling seeds)"
+    )
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.rollout.samples_per_step // self.global_batch_size
+
+    @property
+    def run_dir(self) -> Path | None:
+        return Path(self.checkpoint.save) if self.checkpoint.save else None
+
+
+# The order of the sections and flags in --help.
+_SECTIONS = (
+    ModelsConfig.FLAG_GROUP,
+    _BATCHES,
+    _OPTIM,
+    GOPDLossConfig.FLAG_GROUP,
+    _FDIV_GROUP,
+    DataConfig.FLAG_GROUP,
+    RolloutConfig.FLAG_GROUP,
+    CKPT_GROUP,
+)
+_COMPONENTS = (
+    ModelsConfig,
+    Routing,
+    ParallelConfig,
+    OptimConfig,
+    TrainConfig,
+    GOPDLossConfig,
+    DataConfig,
+    RolloutConfig,
+    CheckpointConfig,
+    EvalConfig,
+    LogConfig,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gopd-train",
+        description="Generalized On-Policy Distillation (G-OPD / ExOPD) with Megatron-Core. "
+        "One process needs no launcher (gopd-train ...); for more, run under torchrun.",
+        formatter_class=FlagFormatter,
+    )
+    p.add_argument("--config", type=Path, help="YAML file of flag defaults (flags override it)")
+    groups = {title: p.add_argument_group(title) for title in _SECTIONS}
+    for cls in _COMPONENTS:
+        add_flags(p, cls, groups=groups)
+    return p
+
+
+def _append_dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config is None:
+        return parser.parse_args(argv)
+    import yaml
+
+    try:
+        data = yaml.safe_load(first.config.read_text()) or {}
+    except OSError as e:
+        raise GopdError(f"cannot read config {first.config}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise GopdError(f"{first.config} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise GopdError(f"{first.config} must be a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise GopdError(f"{first.config}: unknown key(s) {', '.join(unknown)}")
+    appends = _append_dests(parser)
+    for k, v in data.items():
+        if k in appends and not isinstance(v, list):
+            data[k] = [v]
+    # list flags: the command line replaces the file's list, so they stay None until parsed
+    parser.set_defaults(**{k: v for k, v in data.items() if k not in appends})
+    args = parser.parse_args(argv)
+    for k in appends & set(data):
+        if getattr(args, k) is None:
+            setattr(args, k, [str(x) for x in data[k]])
+    return args
+
+
+def _from_args(cls, args: argparse.Namespace, **fields):
+    """``config_from_args``, with a config's own error naming the flag instead of the field."""
+    try:
+        return config_from_args(cls, args, **fields)
+    except LossConfigError as e:
+        m = re.match(r"(\w+)=", str(e))
+        names = {f.name: flag_name(f, spec) for f, spec, _ in flag_fields(cls)}
+        if m and m.group(1) in names:
+            raise LossConfigError(f"{names[m.group(1)]}: {e}") from None
+        raise
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Namespace -> TrainConfig, with every check that needs no file, model or server."""
+    models = _from_args(ModelsConfig, args)
+    if not models.student_load:
+        raise GopdError("--student-load is required")
+    routing = _from_args(Routing, args)
+    routing.check()
+    data = _from_args(DataConfig, args)
+    if not data.prompt_data:
+        raise GopdError("--prompt-data is required")
+    refs = routing.references or {DEFAULT_DOMAIN: models.student_load}
+    if DEFAULT_DOMAIN not in refs and len(routing.teachers) > len(refs):
+        # per-domain references given for some domains only: the rest use the student's init
+        refs = {DEFAULT_DOMAIN: models.student_load, **refs}
+    lambdas = routing.lambdas or {DEFAULT_DOMAIN: 1.0}
+    routing = dataclasses.replace(routing, references=refs, lambdas=lambdas)
+
+    rollout = _from_args(RolloutConfig, args)
+    if rollout.colocate:
+        rollout = dataclasses.replace(rollout, sglang_enable_memory_saver=True)
+    if rollout.engine == "external" and not rollout.urls:
+        raise GopdError("--rollout-engine external needs --rollout-urls")
+    if rollout.rollout_batch_size < 1 or rollout.n_samples_per_prompt < 1:
+        raise GopdError("--rollout-batch-size and --n-samples-per-prompt must be >= 1")
+    if rollout.temperature < 0:
+        raise GopdError("--rollout-temperature must be >= 0")
+    loss = _from_args(GOPDLossConfig, args)
+    cfg = _from_args(
+        TrainConfig,
+        args,
+        parallel=_from_args(ParallelConfig, args),
+        models=models,
+        routing=routing,
+        loss=loss,
+        data=data,
+        rollout=rollout,
+        optim=_from_args(OptimConfig, args),
+        checkpoint=_from_args(CheckpointConfig, args),
+        eval=_from_args(EvalConfig, args),
+        log=_from_args(LogConfig, args),
+    )
+    gbs = cfg.global_batch_size or rollout.samples_per_step
+    if rollout.samples_per_step % gbs:
+        raise GopdError(
+            f"--global-batch-size {gbs} must divide the rollout batch of "
+            f"{rollout.rollout_batch_size} prompts x {rollout.n_samples_per_prompt} samples = "
+            f"{rollout.samples_per_step}"
+        )
+    if cfg.train_iters < 1:
+        raise GopdError("--train-iters must be >= 1")
+    if cfg.eval.interval and not data.eval_prompt_data:
+        raise GopdError("--eval-interval needs --eval-prompt-data")
+    return dataclasses.replace(cfg, global_batch_size=gbs)

@@ -1,0 +1,84 @@
+"""The checks that need files but no model, run on every rank before anything is built.
+
+:func:`build_config` has checked the flags; here the checkpoints are read (they exist, and every
+teacher and reference shares the student's vocabulary), the prompt data is tokenized (each problem
+names its file and line), and the domain routing is resolved for the domains the data holds. All of
+it is cheap and identical on every rank, so every rank raises the same one-line error and none is
+left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_gopd.models.build import check_vocab_compatible
+from megatron_gopd.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
+from megatron_gopd.trainer.data import DEFAULT_DOMAIN, Prompt, load_prompts
+from megatron_gopd.trainer.routing import DomainRouting
+from megatron_gopd.utils import GopdError
+
+__all__ = ["Inputs", "load_tokenizer", "validate_inputs"]
+
+
+@dataclass
+class Inputs:
+    """What the preflight read: the prompts, the evaluation prompts, and the routing of their
+    domains."""
+
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt] | None
+    routing: DomainRouting
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    path = cfg.data.tokenizer
+    if path is None:
+        path = str(resolve_checkpoint(cfg.models.student_load) / "tokenizer")
+        if not Path(path).is_dir():
+            raise GopdError(
+                f"the student checkpoint {cfg.models.student_load} has no tokenizer/: "
+                f"give --tokenizer"
+            )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise GopdError(f"cannot load the tokenizer from {path}: {e}") from None
+
+
+def validate_inputs(cfg, tokenizer) -> Inputs:
+    """Checkpoints exist and share the student's vocabulary, a reference exists where lambda != 1,
+    the prompt data parses, and the estimator fits the layout."""
+    student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
+    teachers = cfg.routing.teachers
+    for key, path in teachers.items():
+        arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
+        name = f"teacher ({key})" if key != DEFAULT_DOMAIN else "teacher"
+        check_vocab_compatible(student, arch, name)
+
+    def load(path):
+        return load_prompts(
+            path,
+            tokenizer,
+            apply_chat_template=cfg.data.apply_chat_template,
+            known_domains=cfg.routing.teacher_domains,
+            max_prompt_len=cfg.data.max_prompt_len,
+            chat_template_kwargs=cfg.data.chat_template_kwargs,
+        )
+
+    prompts = load(cfg.data.prompt_data)
+    eval_prompts = load(cfg.data.eval_prompt_data) if cfg.data.eval_prompt_data else None
+    routing = cfg.routing.resolve(p.domain for p in [*prompts, *(eval_prompts or [])])
+    for d in routing.domains:
+        key = routing[d].reference
+        if key is not None:
+            arch = read_checkpoint_meta(resolve_checkpoint(cfg.routing.references[key])).arch
+            check_vocab_compatible(student, arch, f"reference ({d})")
+    if cfg.loss.estimator != "sampled" and cfg.parallel.pp > 1:
+        raise GopdError(
+            f"--gopd-estimator {cfg.loss.estimator} needs the frozen roles' logits at the "
+            f"student's last stage: use --pipeline-model-parallel-size 1"
+        )
+    return Inputs(prompts, eval_prompts, routing)
