@@ -142,11 +142,14 @@ def layer_spec(arch: ModelArch, use_te: bool, config):
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    from megatron_gopd.models.packed_attention import PackedDotProductAttention
+
     layer = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = LocalRMSNorm
+    attn = sub.self_attention.submodules
+    attn.core_attention = PackedDotProductAttention  # packed (THD) micro-batches on CPU too
     if arch.qk_norm:
-        attn = sub.self_attention.submodules
         attn.q_layernorm = attn.k_layernorm = LocalRMSNorm
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=LocalRMSNorm
