@@ -23,6 +23,10 @@ rng        the tensor-parallel RNG tracker forks the CPU generator instead of CU
 streams    dummy ``torch.cuda.Stream`` / ``current_stream`` (0.19.x DDP grad sync).
 ckptq      dist_checkpointing's async writer queue uses a fork Manager instead of spawn
            (spawn re-imports ``__main__``: 6-15 s per first save on 2 cores).
+recompute  activation recomputation re-runs layers inside ``backward``, where the ``mode``
+           group's TorchFunctionMode is not active (autograd pops it), so the recomputed
+           forward runs under it explicitly; and 0.16/0.19's ``CheckpointWithoutOutput`` takes
+           ``fp8=False`` for fp8 on and reaches Transformer Engine's fp8 state: off without TE.
 ========== ===============================================================================
 
 The triton placeholder for megatron-core 0.19.x on machines without triton lives in
@@ -43,7 +47,7 @@ _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _patched: set[str] = set()
 
-ALL_GROUPS = ("device", "mode", "type", "sync", "rng", "streams", "ckptq")
+ALL_GROUPS = ("device", "mode", "type", "sync", "rng", "streams", "ckptq", "recompute")
 
 
 def cuda_available() -> bool:
@@ -168,6 +172,30 @@ def _patch_ckptq():
         fsa.get_write_results_queue = _queue
 
 
+def _patch_recompute():
+    import megatron.core.tensor_parallel.random as tpr
+
+    for cls in (tpr.CheckpointFunction, getattr(tpr, "CheckpointWithoutOutputFunction", None)):
+        if cls is None:
+            continue
+        original = cls.backward
+
+        def backward(ctx, *grads, _original=original):
+            with _CudaToCpuMode():
+                return _original(ctx, *grads)
+
+        cls.backward = staticmethod(backward)
+    holder = getattr(tpr, "CheckpointWithoutOutput", None)
+    if holder is not None:
+        original_init = holder.__init__
+
+        def __init__(self, fp8=False, *args, _original=original_init, **kwargs):
+            _original(self, fp8, *args, **kwargs)
+            self.fp8 = False  # no Transformer Engine without CUDA
+
+        holder.__init__ = __init__
+
+
 _PATCHES = {
     "device": _patch_device,
     "mode": _patch_mode,
@@ -176,6 +204,7 @@ _PATCHES = {
     "rng": _patch_rng,
     "streams": _patch_streams,
     "ckptq": _patch_ckptq,
+    "recompute": _patch_recompute,
 }
 
 

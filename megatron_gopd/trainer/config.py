@@ -44,6 +44,7 @@ from megatron_gopd.flags import (
 )
 from megatron_gopd.gopd import GOPDLossConfig, LossConfigError
 from megatron_gopd.gopd.config import FDIV_FLAG_GROUP as _FDIV_GROUP
+from megatron_gopd.models.build import RecomputeConfig
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.trainer.checkpointing import GROUP as CKPT_GROUP
 from megatron_gopd.trainer.checkpointing import CheckpointConfig
@@ -110,6 +111,7 @@ class TrainConfig:
 
     parallel: ParallelConfig
     models: ModelsConfig
+    recompute: RecomputeConfig
     routing: Routing
     loss: GOPDLossConfig
     data: DataConfig
@@ -153,6 +155,7 @@ _SECTIONS = (
 )
 _COMPONENTS = (
     ModelsConfig,
+    RecomputeConfig,
     Routing,
     ParallelConfig,
     OptimConfig,
@@ -261,6 +264,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         args,
         parallel=_from_args(ParallelConfig, args),
         models=models,
+        recompute=_from_args(RecomputeConfig, args),
         routing=routing,
         loss=loss,
         data=data,

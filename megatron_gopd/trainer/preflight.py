@@ -52,6 +52,7 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
     """Checkpoints exist and share the student's vocabulary, a reference exists where lambda != 1,
     the prompt data parses, and the estimator fits the layout."""
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
+    cfg.recompute.overrides(student, cfg.parallel.pp)  # the recompute flags fit the student
     teachers = cfg.routing.teachers
     for key, path in teachers.items():
         arch = read_checkpoint_meta(resolve_checkpoint(path)).arch

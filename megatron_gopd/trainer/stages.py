@@ -103,6 +103,7 @@ class GOPDTrainer:
                 spec=cfg.models.transformer_impl,
                 seed=cfg.seed,
                 sequence_parallel=cfg.parallel.sequence_parallel,
+                recompute=cfg.recompute,
             )
             if frozen:
                 roles[key] = r
