@@ -124,6 +124,7 @@ class GOPDTrainer:
         self.data = PromptIterator(PromptDataset(inputs.prompts), seed=cfg.seed)
         self.eval_prompts = inputs.eval_prompts
         self.start_step = 0
+        self.skipped_updates = 0
         load = cfg.checkpoint.load
         if (
             load
@@ -143,6 +144,7 @@ class GOPDTrainer:
             self.opt.scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             self.start_step = int(state["step"])
+            self.skipped_updates = int(state.get("skipped_updates", 0))
             if parallel.is_rank0():
                 log.info("resumed from %s at step %d", load, self.start_step)
         self._stop = False
@@ -240,7 +242,7 @@ class GOPDTrainer:
         cfg = self.cfg
         _, dp = self.dp
         per_update = cfg.global_batch_size // dp
-        reports, stats = [], {}
+        reports, stats, skipped = [], {}, 0.0
         frozen = self._frozen_logits if cfg.loss.estimator != "sampled" else None
         for u in range(cfg.updates_per_step):
             part = samples[u * per_update : (u + 1) * per_update]
@@ -261,8 +263,13 @@ class GOPDTrainer:
                 frozen_logits=frozen,
             )
             reports.extend(r)
+            skipped += stats["optim/update_skipped"]
         metrics = self._reduce_to_rank0(reports)
         metrics.update(stats)
+        # updates skipped for a non-finite gradient norm: this step's, and the run's so far
+        self.skipped_updates += int(skipped)
+        metrics["optim/update_skipped"] = skipped
+        metrics["counters/skipped_updates"] = float(self.skipped_updates)
         return metrics
 
     def sync_weights(self) -> None:
@@ -342,7 +349,11 @@ class GOPDTrainer:
         if not self.cfg.checkpoint.save:
             return
         with self.timer("save"):
-            state = {"scheduler": self.opt.scheduler.state_dict(), "data": self.data.state_dict()}
+            state = {
+                "scheduler": self.opt.scheduler.state_dict(),
+                "data": self.data.state_dict(),
+                "skipped_updates": self.skipped_updates,
+            }
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra, trained_steps=step))
             checkpointing.save_training_checkpoint(
                 self.cfg.checkpoint.save,
