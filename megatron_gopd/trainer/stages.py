@@ -31,7 +31,7 @@ from megatron_gopd.models.build import RoleModel, build_role
 from megatron_gopd.models.checkpoint import CheckpointMeta, read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.scoring import score_sequences
 from megatron_gopd.trainer import checkpointing
-from megatron_gopd.trainer.config import TrainConfig
+from megatron_gopd.trainer.config import TrainConfig, check_world
 from megatron_gopd.trainer.data import Prompt, PromptDataset, PromptIterator
 from megatron_gopd.trainer.preflight import load_tokenizer, validate_inputs
 from megatron_gopd.trainer.tracking import (
@@ -84,6 +84,7 @@ class GOPDTrainer:
         self.routing = inputs.routing  # domain -> teacher, reference or none, lambda
         # the rollout servers are checked (rank 0) before any model is built
         parallel.initialize(cfg.parallel, seed=cfg.seed)
+        check_world(cfg, parallel.world_size())
         self.rollout = rollout_factory(cfg, self.tokenizer)
         self.rollout.check_reachable()
 
