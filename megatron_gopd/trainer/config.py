@@ -52,7 +52,7 @@ from megatron_gopd.trainer.rollout_side import RolloutConfig
 from megatron_gopd.trainer.routing import Routing
 from megatron_gopd.trainer.tracking import LogConfig
 from megatron_gopd.trainer.update import OptimConfig
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, read_text_file
 
 __all__ = [
     "EvalConfig",
@@ -193,9 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     import yaml
 
     try:
-        data = yaml.safe_load(first.config.read_text()) or {}
-    except OSError as e:
-        raise GopdError(f"cannot read config {first.config}: {e.strerror}") from None
+        data = yaml.safe_load(read_text_file(first.config, "config")) or {}
     except yaml.YAMLError as e:
         raise GopdError(f"{first.config} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from megatron_gopd.flags import flag
-from megatron_gopd.utils import GopdError, json_object_line
+from megatron_gopd.utils import GopdError, json_object_line, read_text_file
 
 __all__ = ["DataConfig", "Prompt", "PromptDataset", "PromptIterator", "load_prompts"]
 
@@ -117,11 +117,7 @@ def load_prompts(
     still fix the data, rather than a silent skip later.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise GopdError(f"cannot read prompt data {path}: {e.strerror}") from None
-    lines = text.split("\n")
+    lines = read_text_file(path, "prompt data").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
     out: list[Prompt] = []

@@ -16,7 +16,7 @@ from megatron_gopd.models.build import check_vocab_compatible
 from megatron_gopd.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.trainer.data import DEFAULT_DOMAIN, Prompt, load_prompts
 from megatron_gopd.trainer.routing import DomainRouting
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, check_writable
 
 __all__ = ["Inputs", "load_tokenizer", "validate_inputs"]
 
@@ -49,8 +49,16 @@ def load_tokenizer(cfg):
 
 
 def validate_inputs(cfg, tokenizer) -> Inputs:
-    """Checkpoints exist and share the student's vocabulary, a reference exists where lambda != 1,
-    the prompt data parses, and the estimator fits the layout."""
+    """The outputs can be written, checkpoints exist and share the student's vocabulary, a
+    reference exists where lambda != 1, the prompt data parses, and the estimator fits the
+    layout."""
+    for flag, path in (
+        ("--save", cfg.checkpoint.save),
+        ("--tensorboard-dir", cfg.log.tensorboard_dir),
+        ("--wandb-save-dir", cfg.log.wandb_save_dir),
+    ):
+        if path:
+            check_writable(path, flag, directory=True)
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
     teachers = cfg.routing.teachers
     for key, path in teachers.items():

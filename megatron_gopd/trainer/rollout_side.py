@@ -8,10 +8,14 @@ Launched servers (``--rollout-engine sglang|cpu``) need a Hugging Face directory
 student's weights *as the trainer holds them* (initial or resumed) are exported to
 ``SAVE/rollout/init_hf`` first (collective gather, rank 0 writes), so a resumed run's servers start
 from the resumed weights. Attached servers (``external``) get those weights by the first push.
+Without ``--save`` the rollout files go to a temporary directory (``TMPDIR``), removed at the end,
+never into the current directory.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,7 +98,15 @@ class RolloutSide:
         self.syncer = None
         self.version = None
         r = cfg.rollout
-        self.workdir = (cfg.run_dir or Path(".")) / "rollout"
+        self._temporary_workdir = cfg.run_dir is None
+        if cfg.run_dir is not None:
+            self.workdir = cfg.run_dir / "rollout"
+        else:
+            workdir = None
+            if parallel.is_rank0():
+                workdir = tempfile.mkdtemp(prefix="gopd-rollout-")
+                log.info("no --save: rollout files go to %s (removed at the end)", workdir)
+            self.workdir = Path(parallel.broadcast_object(workdir))
         stop = tuple(
             t
             for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)}
@@ -235,6 +247,8 @@ class RolloutSide:
             self.syncer.close()
         if self.servers is not None and parallel.is_rank0():
             self.servers.stop()
+        if self._temporary_workdir and parallel.is_rank0():
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def make_rollout(cfg, tokenizer) -> RolloutSide:
