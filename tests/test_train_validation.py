@@ -301,3 +301,61 @@ def test_teacher_without_tokenizer_and_another_vocabulary(world, tmp_path):
         GopdError, match=r"teacher vocabulary has 250 tokens, the student's has 15 .*no tokenizer"
     ):
         _validate(argv)
+
+
+# ---------------------------------------------------------------------------------- domains
+
+
+def _cli_stderr(argv) -> str:
+    """The real CLI (a world of one) up to the first model, which it may not build: stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MODELS, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert "a model was built" in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_domains_and_their_teachers_are_logged_at_startup(world, tmp_path):
+    """One unnamed --teacher-load and prompts of two domains: said at startup, with each
+    domain's prompt counts, teacher, lambda and reference."""
+    argv = _args(world, tmp_path, "--gopd-lambda", "1.25")
+    argv[argv.index("--tensor-model-parallel-size") + 1] = "1"
+    argv[argv.index("--prompt-data") + 1] = str(world["train2"])
+    argv[argv.index("--eval-prompt-data") + 1] = str(world["eval2"])
+    err = _cli_stderr(argv)
+    teacher, student = world["teacher"], world["student"]
+    assert "2 domains (code, math); one teacher (--teacher-load PATH) scores all of them" in err
+    for domain in ("code", "math"):
+        line = (
+            f"  {domain}: 32 training / 8 evaluation prompts -> teacher {teacher}, lambda 1.25, "
+            f"reference {student}"
+        )
+        assert line in err, err[-3000:]
+
+
+def test_keep_only_some_domains(world, tmp_path):
+    argv = _args(world, tmp_path, "--domains", "math")
+    argv[argv.index("--prompt-data") + 1] = str(world["train2"])
+    argv[argv.index("--eval-prompt-data") + 1] = str(world["eval2"])
+    prompts, eval_prompts = _validate(argv)
+    assert len(prompts) == 32 and {p.domain for p in prompts} == {"math"}
+    assert len(eval_prompts) == 8 and {p.domain for p in eval_prompts} == {"math"}
+    # prompt metadata survives (the answer of each kept line)
+    assert all(p.metadata["answer"] for p in prompts)
+    # a domain no prompt has: a typo, said at once
+    argv[argv.index("--domains") + 1] = "math,maths"
+    with pytest.raises(GopdError, match=r"--domains names 'maths', which no prompt of .*train2"):
+        _validate(argv)
+    # comma list and YAML list give the same config
+    cfg = build_config(parse_args([*argv[:-2], "--domains", "code,math"]))
+    assert cfg.data.domains == ("code", "math")
+    yaml_file = tmp_path / "d.yaml"
+    yaml_file.write_text("domains: [math, code]\n")
+    assert build_config(parse_args(["--config", str(yaml_file), *argv[:-2]])).data.domains == (
+        "math",
+        "code",
+    )

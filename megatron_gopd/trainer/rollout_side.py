@@ -14,6 +14,7 @@ never into the current directory.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -98,15 +99,7 @@ class RolloutSide:
         self.syncer = None
         self.version = None
         r = cfg.rollout
-        self._temporary_workdir = cfg.run_dir is None
-        if cfg.run_dir is not None:
-            self.workdir = cfg.run_dir / "rollout"
-        else:
-            workdir = None
-            if parallel.is_rank0():
-                workdir = tempfile.mkdtemp(prefix="gopd-rollout-")
-                log.info("no --save: rollout files go to %s (removed at the end)", workdir)
-            self.workdir = Path(parallel.broadcast_object(workdir))
+        self._workdir: Path | None = None
         stop = tuple(
             t
             for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)}
@@ -123,6 +116,21 @@ class RolloutSide:
         )
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def workdir(self) -> Path:
+        """``SAVE/rollout``; without ``--save`` a temporary directory, made on first use and
+        removed at the end (only global rank 0 writes rollout files)."""
+        if self._workdir is None:
+            if self.cfg.run_dir is not None:
+                self._workdir = self.cfg.run_dir / "rollout"
+            elif parallel.is_rank0():
+                self._workdir = Path(tempfile.mkdtemp(prefix="gopd-rollout-"))
+                atexit.register(shutil.rmtree, self._workdir, ignore_errors=True)
+                log.info("no --save: rollout files go to %s (removed at the end)", self._workdir)
+            else:
+                self._workdir = Path(tempfile.gettempdir()) / "gopd-rollout-of-rank-0"
+        return self._workdir
 
     def check_reachable(self) -> None:
         """Attached servers must answer before any model is built (rank 0 asks, all raise)."""
@@ -247,8 +255,8 @@ class RolloutSide:
             self.syncer.close()
         if self.servers is not None and parallel.is_rank0():
             self.servers.stop()
-        if self._temporary_workdir and parallel.is_rank0():
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.cfg.run_dir is None and self._workdir is not None and parallel.is_rank0():
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def make_rollout(cfg, tokenizer) -> RolloutSide:
