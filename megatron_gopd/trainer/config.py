@@ -101,7 +101,9 @@ class EvalConfig:
         "math",
         name="--eval-grader",
         help="how evaluation prompts' 'answer' is checked: math-verify on the last \\boxed{} "
-        "(math), or the whole response equal to the answer (exact)",
+        "(math), or the whole response equal to the answer (exact; both through the tokenizer's "
+        "encode + decode, so a tokenizer that decodes with spaces between pieces still matches; "
+        "surrounding whitespace ignored)",
     )
 
 

@@ -398,8 +398,16 @@ class GOPDTrainer:
         return out
 
     def _correct(self, response: str, answer: str) -> bool:
+        """``response`` is the decoded response. ``exact``: equal to the answer as the same
+        tokenizer encodes and decodes it, so that how the tokenizer joins pieces does not
+        matter (a word-level tokenizer decodes ``1801`` as ``'1 8 0 1'``); surrounding whitespace
+        is ignored."""
         if self.cfg.eval.grader == "exact":
-            return response.strip() == answer.strip()
+            response, answer = response.strip(), answer.strip()
+            if response == answer:
+                return True
+            ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            return response == self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         from megatron_gopd.evaluation.math_grader import grade_math
 
         return grade_math(response, answer).correct
