@@ -205,14 +205,21 @@ def save_training_checkpoint(
         raise GopdError(
             f"cannot save the checkpoint of step {step} in {save}: {reason}; {_latest_of(save)}"
         ) from None
+    error = None
     if parallel.is_rank0():
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = save / f".{LATEST_FILE}.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, save / LATEST_FILE)
-    parallel.barrier()
+        try:
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = save / f".{LATEST_FILE}.tmp"
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, save / LATEST_FILE)
+        except OSError as e:
+            error = (
+                f"cannot publish the checkpoint of step {step} in {save}: "
+                f"{_save_failure(e, save)}; {_latest_of(save)}"
+            )
+    parallel.raise_any_rank_error(error)  # also the barrier after the rename
     return final
 
 

@@ -287,7 +287,7 @@ def train_step(
     if ok:
         opt.scheduler.step(increment=1)
     elif parallel.is_rank0():
-        log.warning("gradient norm %s is not finite: this update is skipped", grad_norm)
+        log.warning("the gradients are not finite (norm %s): this update is skipped", grad_norm)
     stats = {
         "optim/lr": opt.optimizer.param_groups[0]["lr"],
         "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
