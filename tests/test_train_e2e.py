@@ -28,9 +28,9 @@ def _train_with_spies(args):
     scored, built = [], []
     orig_score, orig_build = T.GOPDTrainer._response_logprobs, T.build_role
 
-    def score_spy(self, role, samples):
+    def score_spy(self, role, samples, *args):
         scored.append((role.name, sorted({s.domain for s in samples}), len(samples)))
-        return orig_score(self, role, samples)
+        return orig_score(self, role, samples, *args)
 
     def build_spy(name, path, **kw):
         built.append((name, str(path)))
