@@ -441,6 +441,10 @@ def output_rows(model, hidden: torch.Tensor, *, grad: bool) -> torch.Tensor:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(
             hidden, tensor_parallel_output_grad=grad
         )
-    elif grad and config.tensor_model_parallel_size > 1:
-        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-    return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+    rows = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+    if grad and not config.sequence_parallel and config.tensor_model_parallel_size > 1:
+        # after the reshape, not before: megatron-core's all-reduce in this region's backward
+        # reduces ``grad.contiguous()`` and returns ``grad``, so a non-contiguous gradient (that of
+        # the transposed [S, B, H] states) would silently stay unreduced
+        rows = tensor_parallel.copy_to_tensor_model_parallel_region(rows)
+    return rows
