@@ -250,3 +250,57 @@ def test_cpu_server_fp32_lm_head(bf16_hf):
             errs.append((fp32_head, (torch.tensor(lps).double() - ref).abs().max().item()))
     assert max(e for f, e in errs if f) < TOL, errs
     assert min(e for f, e in errs if not f) > 100 * TOL, errs
+
+
+# ---------------------------------------------------------------------------------- the GEMM's path
+
+
+def _output_layer_vs_float64(device, dtype):
+    """output_layer_logprobs on ``device`` in ``dtype`` (TP 1, several chunks, T = 0.7): values and
+    the gradients of the hidden states and the weight against float64 autograd of the formula."""
+    from megatron_gopd.vocab_parallel.output_layer import (
+        OutputLayer,
+        Weight,
+        output_layer_logprobs,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    h = (torch.randn(40, 32, generator=g)).to(dtype)
+    w = (torch.randn(64, 32, generator=g) * 0.8).to(dtype)
+    tg = torch.randint(0, V_REAL, (40,), generator=g)
+    up = torch.randn(40, generator=g)
+    hh, ww = (x.to(device).clone().requires_grad_(True) for x in (h, w))
+    lp, _ = output_layer_logprobs(
+        OutputLayer(hh, ww, V_REAL, 0.7), tg.to(device), chunk_rows=16, with_entropy=True
+    )
+    (lp * up.to(device)).sum().backward()
+    h64, w64 = (x.detach().double().requires_grad_(True) for x in (h, w))
+    ref = F.log_softmax((h64 @ w64.t())[:, :V_REAL] / 0.7, -1).gather(1, tg[:, None])[:, 0]
+    (ref * up.double()).sum().backward()
+    return dict(
+        mixed=Weight(ww).mixed,
+        value=(lp.detach().cpu().double() - ref.detach()).abs().max().item(),
+        grad_h=((hh.grad.cpu().double() - h64.grad).abs().max() / h64.grad.abs().max()).item(),
+        grad_w=((ww.grad.cpu().double() - w64.grad).abs().max() / w64.grad.abs().max()).item(),
+    )
+
+
+def test_output_layer_on_the_host():
+    """The host's path (an fp32 copy of the weight per pass), bf16 and fp32: values to 1e-5, the
+    gradients to fp32 precision (bf16 parameters: their gradient is returned rounded to bf16)."""
+    for dtype, grad_tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        r = _output_layer_vs_float64("cpu", dtype)
+        assert not r["mixed"]
+        assert r["value"] < TOL and r["grad_h"] < grad_tol and r["grad_w"] < grad_tol, r
+
+
+@pytest.mark.gpu
+def test_output_layer_on_cuda():
+    """GPU twin of the test above: bf16 operands with fp32 accumulation and output
+    (``torch.mm(out_dtype=float32)``, no weight copy) where torch has it; the logits' gradient
+    enters the bf16 GEMMs of the backward rounded to bf16, as in megatron-core's own backward."""
+    r = _output_layer_vs_float64("cuda", torch.bfloat16)
+    assert r["value"] < TOL, r
+    assert r["grad_h"] < 2e-2 and r["grad_w"] < 2e-2, r
+    fp32 = _output_layer_vs_float64("cuda", torch.float32)
+    assert not fp32["mixed"] and fp32["value"] < TOL and fp32["grad_h"] < 1e-4, fp32
