@@ -100,6 +100,18 @@ def test_sampling_the_trainer_cannot_score_is_refused(world, tmp_path, extra, me
         build_config(parse_args(argv))
 
 
+def test_untempered_rollout_logprobs_are_refused_at_another_temperature(
+    world, tmp_path, monkeypatch
+):
+    """SGLANG_RETURN_ORIGINAL_LOGPROB=1 (inherited by the servers the trainer starts) makes the
+    engine report untempered log-probs: at T != 1 they are not the sampler's."""
+    argv = _args(world, tmp_path / "run", "--teacher-load", str(world["teacher"]))
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+    build_config(parse_args(argv))  # T = 1: the same numbers
+    with pytest.raises(GopdError, match="SGLANG_RETURN_ORIGINAL_LOGPROB is set"):
+        build_config(parse_args([*argv, "--rollout-temperature", "0.6"]))
+
+
 def test_scoring_temperatures_default_to_the_sampling_temperature(world, tmp_path):
     base = _args(world, tmp_path / "run", "--teacher-load", str(world["teacher"]))
     cfg = build_config(parse_args([*base, "--rollout-temperature", "0.6"]))

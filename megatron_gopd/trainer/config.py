@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -258,6 +259,16 @@ def _check_training_sampling(rollout: RolloutConfig) -> None:
             f"--rollout-temperature {T}: training needs a finite temperature > 0 (SGLang decodes "
             f"greedily below {_GREEDY_BELOW:g}, and greedy responses are not samples of the "
             "student's distribution); the paper samples at 1.0"
+        )
+    if T != 1.0 and os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    ):
+        raise GopdError(
+            f"SGLANG_RETURN_ORIGINAL_LOGPROB is set: the rollout servers started from this "
+            f"environment report untempered log-probs, but the samples come from temperature {T} "
+            "and the trainer scores them there; unset it"
         )
     truncating = []
     if rollout.top_p < 1.0:
