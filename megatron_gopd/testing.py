@@ -267,12 +267,18 @@ def _convert_here_or_in_a_fork(hf_dir, out_dir, fork: bool = True) -> None:
         run_distributed(_convert, 1, str(hf_dir), str(out_dir))
 
 
-def make_tiny_distillation_world(root, *, fork: bool = True) -> dict:
+def make_tiny_distillation_world(
+    root,
+    models: tuple[str, ...] = ("student", "teacher", "teacher2", "teacher_base"),
+    *,
+    fork: bool = True,
+) -> dict:
     """Tokenizer + student (2 layers) + teacher and its "pre-RL base" (4 layers, wider) + data.
 
     Random models: what the tests check (the reverse KL to the teacher falls, log-probs agree,
-    routing, resumption) does not need trained ones. ``fork``: convert in forked ranks (from a
-    test process) or in this process (from a script; see :func:`_convert_here_or_in_a_fork`)."""
+    routing, resumption) does not need trained ones. ``models``: the ones to make (each
+    conversion costs a few seconds). ``fork``: convert in forked ranks (from a test process) or
+    in this process (from a script; see :func:`_convert_here_or_in_a_fork`)."""
     from pathlib import Path
 
     root = Path(root)
@@ -295,6 +301,8 @@ def make_tiny_distillation_world(root, *, fork: bool = True) -> dict:
         ("teacher2", big, 3),
         ("teacher_base", big, 4),
     ):
+        if name not in models:
+            continue
         hf = root / "hf" / name
         make_tiny_hf_model(hf, "qwen3", seed=seed, tied=True, **dims)
         tok.save_pretrained(str(hf))

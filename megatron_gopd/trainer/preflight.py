@@ -69,6 +69,7 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
         arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
         name = f"teacher ({key})" if key != DEFAULT_DOMAIN else "teacher"
         check_vocab_compatible(student, arch, name)
+        _check_logits_comparable(cfg, student, arch, name)
 
     skipped: dict[str, int] = {}
 
@@ -93,6 +94,7 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
         if key is not None:
             arch = read_checkpoint_meta(resolve_checkpoint(cfg.routing.references[key])).arch
             check_vocab_compatible(student, arch, f"reference ({d})")
+            _check_logits_comparable(cfg, student, arch, f"reference ({d})")
     if parallel.is_rank0():
         for line in describe_domains(cfg, routing, prompts, eval_prompts, skipped):
             log.info("%s", line)
@@ -130,3 +132,29 @@ def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int
         dropped = ", ".join(f"{d} ({n})" for d, n in sorted(skipped.items()))
         lines.append(f"  --domains {','.join(cfg.data.domains)}: skipped the prompts of {dropped}")
     return lines
+
+
+def _check_logits_comparable(cfg, student, other, name: str) -> None:
+    """The full-vocabulary and top-k estimators read the teacher's and reference's logits next to
+    the student's, column by column on each tensor-parallel rank's vocabulary slice: the three
+    must be padded to one size (the same slices), and a frozen role must have a row for every
+    token the student can produce (it may have more: its softmax runs over its own rows)."""
+    est = cfg.loss.estimator
+    if est == "sampled":
+        return
+    if other.padded_vocab_size != student.padded_vocab_size:
+        raise GopdError(
+            f"--gopd-estimator {est} reads the {name}'s logits next to the student's on the same "
+            f"vocabulary slice of every tensor-parallel rank, but the {name}'s vocabulary is "
+            f"padded to {other.padded_vocab_size} rows and the student's to "
+            f"{student.padded_vocab_size}: convert both with the same "
+            "--make-vocab-size-divisible-by (the default, 1024, pads e.g. 151936 and 152064 "
+            "rows alike), or use --gopd-estimator sampled"
+        )
+    if other.vocab_size < student.vocab_size:
+        raise GopdError(
+            f"--gopd-estimator {est}: the {name} has {other.vocab_size} vocabulary rows, fewer "
+            f"than the student's {student.vocab_size}, so it gives no probability to tokens the "
+            "student can produce and the full-vocabulary KL is infinite; use --gopd-estimator "
+            "sampled"
+        )
