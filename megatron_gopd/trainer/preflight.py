@@ -16,9 +16,11 @@ from megatron_gopd.models.build import check_vocab_compatible
 from megatron_gopd.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.trainer.data import DEFAULT_DOMAIN, Prompt, load_prompts
 from megatron_gopd.trainer.routing import DomainRouting
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, get_logger
 
-__all__ = ["Inputs", "load_tokenizer", "validate_inputs"]
+log = get_logger(__name__)
+
+__all__ = ["Inputs", "check_memory", "load_tokenizer", "validate_inputs"]
 
 
 @dataclass
@@ -52,6 +54,12 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
     """Checkpoints exist and share the student's vocabulary, a reference exists where lambda != 1,
     the prompt data parses, and the estimator fits the layout."""
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
+    if student.is_moe:
+        raise GopdError(
+            f"the student {cfg.models.student_load} is a mixture-of-experts model "
+            f"({student.hf_architecture}): MoE students are not supported (teachers and "
+            f"references may be MoE)"
+        )
     teachers = cfg.routing.teachers
     for key, path in teachers.items():
         arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
@@ -76,9 +84,71 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
         if key is not None:
             arch = read_checkpoint_meta(resolve_checkpoint(cfg.routing.references[key])).arch
             check_vocab_compatible(student, arch, f"reference ({d})")
+    if cfg.loss.estimator != "sampled" and cfg.parallel.ep > 1:
+        raise GopdError(
+            f"--gopd-estimator {cfg.loss.estimator} runs the frozen roles per micro-batch of the "
+            f"student, which expert parallelism cannot keep in step: use the sampled estimator "
+            f"with --expert-model-parallel-size {cfg.parallel.ep}"
+        )
     if cfg.loss.estimator != "sampled" and cfg.parallel.pp > 1:
         raise GopdError(
             f"--gopd-estimator {cfg.loss.estimator} needs the frozen roles' logits at the "
             f"student's last stage: use --pipeline-model-parallel-size 1"
         )
     return Inputs(prompts, eval_prompts, routing)
+
+
+def check_memory(cfg, routing: DomainRouting, world_size: int) -> None:
+    """Print each role's estimated per-GPU memory for this layout (rank 0) and refuse a layout
+    that cannot fit ``--gpu-memory-gb`` (default: the device's memory; no check on a CPU)."""
+    from megatron_gopd import parallel, platform
+    from megatron_gopd.models import memory
+
+    par = cfg.parallel
+    lay = memory.Layout(
+        tp=par.tp,
+        pp=par.pp,
+        ep=par.ep,
+        dp=max(world_size // (par.tp * par.pp), 1),
+        sequence_parallel=par.sequence_parallel,
+    )
+    # one micro-batch of the longest sequences the data and the rollouts allow
+    tokens = cfg.micro_batch_size * (cfg.data.max_prompt_len + cfg.rollout.max_response_len)
+    common = dict(bf16=cfg.models.bf16, tokens=tokens)
+
+    def estimate(name, path, trainable):
+        ckpt = resolve_checkpoint(path)
+        return memory.estimate_role(
+            name,
+            read_checkpoint_meta(ckpt).arch,
+            lay,
+            trainable=trainable,
+            distributed_optimizer=cfg.optim.use_distributed_optimizer,
+            source=str(ckpt.resolve()),
+            **common,
+        )
+
+    student = estimate("student", cfg.models.student_load, True)
+    frozen = [
+        estimate(f"teacher:{k}", cfg.routing.teachers[k], False) for k in routing.teacher_keys
+    ]
+    frozen += [
+        estimate(f"reference:{k}", cfg.routing.references[k], False) for k in routing.reference_keys
+    ]
+    if parallel.is_rank0():
+        log.info(
+            "estimated memory per GPU (TP=%d PP=%d EP=%d DP=%d, micro-batch of %d tokens):\n%s",
+            lay.tp,
+            lay.pp,
+            lay.ep,
+            lay.dp,
+            tokens,
+            memory.format_table([student, *frozen]),
+        )
+    budget = cfg.models.gpu_memory_gb
+    if budget is None and platform.cuda_available():
+        import torch
+
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+    if budget is not None:
+        memory.check_fits(student, frozen, budget, offload_frozen=cfg.models.offload_frozen)
