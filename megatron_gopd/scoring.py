@@ -33,10 +33,12 @@ from megatron_gopd.models.build import unwrap_model
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.utils import (
     GopdError,
+    check_writable,
     cli_errors,
     get_logger,
     json_object_line,
     quiet_expected_warnings,
+    read_text_file,
 )
 from megatron_gopd.vocab_parallel import DEFAULT_CHUNK_ELEMENTS, vocab_parallel_logprobs
 
@@ -240,10 +242,7 @@ def _read_inputs(
 ) -> tuple[list[dict], list[list[int]], list[int]]:
     tok = None
     records, seqs, prompt_lens = [], [], []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise GopdError(f"cannot read {path}: {e.strerror}") from None
+    lines = read_text_file(path, "input").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -313,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_expected_warnings()
     args = build_parser().parse_args(argv)  # --help before the ~9 s megatron import
+    check_writable(args.output, "--output", directory=False)  # before the work, not after it
 
     from megatron.core import parallel_state as ps
 

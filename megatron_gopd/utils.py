@@ -11,7 +11,15 @@ from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
-__all__ = ["GopdError", "cli_errors", "free_port", "get_logger", "json_object_line"]
+__all__ = [
+    "GopdError",
+    "check_writable",
+    "cli_errors",
+    "free_port",
+    "get_logger",
+    "json_object_line",
+    "read_text_file",
+]
 
 
 class GopdError(Exception):
@@ -27,6 +35,47 @@ def json_object_line(path: str | Path, lineno: int, line: str) -> dict:
     if not isinstance(rec, dict):
         raise GopdError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
     return rec
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of ``path``, or one :class:`GopdError` naming ``what`` and the file (it is
+    missing or unreadable, or it is not text: a binary file where text belongs)."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GopdError(
+            f"{what} {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start}): a binary "
+            f"file?"
+        ) from None
+    except OSError as e:
+        raise GopdError(f"cannot read {what} {p}: {e.strerror or e}") from None
+
+
+def check_writable(path: str | Path, flag: str, *, directory: bool) -> None:
+    """Raise one :class:`GopdError` unless the output ``path`` (a directory, or a file) can be
+    created and written, so that a tool fails before its work rather than after it.
+
+    A temporary file is created and removed in ``path`` (a directory that exists) or in its
+    nearest existing ancestor; nothing else is created. Trying beats ``os.access``, which answers
+    yes to root on a read-only file system."""
+    import tempfile
+
+    p = Path(path).absolute()
+    if p.exists() and p.is_dir() != directory:
+        kind = "a directory" if p.is_dir() else "a file"
+        raise GopdError(f"{flag} {path} cannot be written: it is {kind}")
+    target = p if p.is_dir() else p.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    try:
+        if not target.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(target))
+        fd, probe = tempfile.mkstemp(prefix=".gopd-write-check-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise GopdError(f"{flag} {path} cannot be written: {e.strerror or e} ({target})") from None
 
 
 def free_port() -> int:

@@ -392,22 +392,33 @@ def check_vocab_compatible(student: ModelArch, other: ModelArch, other_name: str
     Padding differences are fine: HF rows beyond the tokenizer (e.g. Qwen's 151936 vs 152064) and
     Megatron's padded rows are never sampled and our log-probs mask Megatron's padding. What is not
     fine is a different tokenizer, which shows as a different number of real tokens.
+
+    The token counts come from the tokenizers recorded at conversion. When one side has none, its
+    token count is unknown: HF rows are padded by amounts nobody records, so rows that merely cover
+    the other side's tokens prove nothing (a 250-row model and a 15-token student). Then only equal
+    embedding rows are accepted, and the error says how to record the tokenizer.
     """
     s, o = student.token_vocab_size, other.token_vocab_size
     if student.tokenizer_vocab_size and other.tokenizer_vocab_size:
         same = s == o
     else:
-        # Without tokenizer facts on one side, the rows of both must cover the known token count.
-        same = s == o or (
-            min(student.vocab_size, other.vocab_size)
-            >= max(student.tokenizer_vocab_size or 0, other.tokenizer_vocab_size or 0)
-            > 0
-        )
+        same = student.vocab_size == other.vocab_size
     if not same:
+        without = [
+            name
+            for name, arch in ((other_name, other), ("student", student))
+            if not arch.tokenizer_vocab_size
+        ]
+        hint = (
+            f"; the {' and the '.join(without)} checkpoint has no tokenizer, so its token count "
+            f"is unknown: convert it from a directory with its tokenizer files"
+            if without
+            else ""
+        )
         raise GopdError(
             f"the {other_name} and the student do not share a tokenizer: {other_name} vocabulary "
             f"has {o} tokens, the student's has {s} (embedding rows: {other.vocab_size} vs "
-            f"{student.vocab_size}); they cannot score the same token ids"
+            f"{student.vocab_size}); they cannot score the same token ids{hint}"
         )
 
 

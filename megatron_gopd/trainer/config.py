@@ -52,7 +52,7 @@ from megatron_gopd.trainer.rollout_side import RolloutConfig
 from megatron_gopd.trainer.routing import Routing
 from megatron_gopd.trainer.tracking import LogConfig
 from megatron_gopd.trainer.update import OptimConfig
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, read_text_file
 
 __all__ = [
     "EvalConfig",
@@ -60,6 +60,7 @@ __all__ = [
     "TrainConfig",
     "build_config",
     "build_parser",
+    "check_world",
     "parse_args",
 ]
 
@@ -106,7 +107,9 @@ class EvalConfig:
         "math",
         name="--eval-grader",
         help="how evaluation prompts' 'answer' is checked: math-verify on the last \\boxed{} "
-        "(math), or the whole response equal to the answer (exact)",
+        "(math), or the whole response equal to the answer (exact; both through the tokenizer's "
+        "encode + decode, so a tokenizer that decodes with spaces between pieces still matches; "
+        "surrounding whitespace ignored)",
     )
 
 
@@ -198,9 +201,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     import yaml
 
     try:
-        data = yaml.safe_load(first.config.read_text()) or {}
-    except OSError as e:
-        raise GopdError(f"cannot read config {first.config}: {e.strerror}") from None
+        data = yaml.safe_load(read_text_file(first.config, "config")) or {}
     except yaml.YAMLError as e:
         raise GopdError(f"{first.config} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -261,6 +262,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise GopdError("--rollout-batch-size and --n-samples-per-prompt must be >= 1")
     if rollout.temperature < 0:
         raise GopdError("--rollout-temperature must be >= 0")
+    if rollout.max_response_len < 1:
+        raise GopdError(
+            f"--max-response-len must be >= 1 (got {rollout.max_response_len}: every response "
+            f"would be empty and the run would train on nothing)"
+        )
     loss = _from_args(GOPDLossConfig, args)
     cfg = _from_args(
         TrainConfig,
@@ -288,3 +294,36 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if cfg.eval.interval and not data.eval_prompt_data:
         raise GopdError("--eval-interval needs --eval-prompt-data")
     return dataclasses.replace(cfg, global_batch_size=gbs)
+
+
+def check_world(cfg: TrainConfig, world_size: int) -> None:
+    """The checks that need the number of processes (known once torch.distributed is up, before
+    any server or model starts): every update batch splits evenly over the data-parallel ranks.
+
+    Each data-parallel rank trains on ``global batch / DP`` samples; a remainder used to be
+    dropped silently (100 samples over 8 ranks trained on 96), and a batch smaller than DP left
+    ranks training on all-masked padding rows."""
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    gbs = cfg.global_batch_size
+    r = cfg.rollout
+    if cfg.global_batch_size == r.samples_per_step:
+        what = (
+            f"update batch of {gbs} samples (--rollout-batch-size {r.rollout_batch_size} x "
+            f"--n-samples-per-prompt {r.n_samples_per_prompt})"
+        )
+    else:
+        what = f"--global-batch-size {gbs}"
+    layout = (
+        f"{world_size} processes / (TP {cfg.parallel.tp} x PP {cfg.parallel.pp}); use a multiple "
+        f"of {dp} samples per update"
+    )
+    if gbs < dp:
+        raise GopdError(
+            f"the {what} is smaller than the {dp} data-parallel ranks ({layout}): some ranks "
+            f"would train on padding only"
+        )
+    if gbs % dp:
+        raise GopdError(
+            f"the {what} is not divisible by the {dp} data-parallel ranks: each update would train "
+            f"on {gbs - gbs % dp} and drop {gbs % dp} ({layout})"
+        )

@@ -9,18 +9,20 @@ left waiting in a collective.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_gopd import parallel
 from megatron_gopd.models.build import check_vocab_compatible
 from megatron_gopd.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.trainer.data import DEFAULT_DOMAIN, Prompt, load_prompts
 from megatron_gopd.trainer.routing import DomainRouting
-from megatron_gopd.utils import GopdError, get_logger
+from megatron_gopd.utils import GopdError, check_writable, get_logger
+
+__all__ = ["Inputs", "check_memory", "describe_domains", "load_tokenizer", "validate_inputs"]
 
 log = get_logger(__name__)
-
-__all__ = ["Inputs", "check_memory", "load_tokenizer", "validate_inputs"]
 
 
 @dataclass
@@ -51,8 +53,16 @@ def load_tokenizer(cfg):
 
 
 def validate_inputs(cfg, tokenizer) -> Inputs:
-    """Checkpoints exist and share the student's vocabulary, a reference exists where lambda != 1,
-    the prompt data parses, and the estimator fits the layout."""
+    """The outputs can be written, checkpoints exist and share the student's vocabulary, a
+    reference exists where lambda != 1, the prompt data parses, and the estimator fits the
+    layout."""
+    for flag, path in (
+        ("--save", cfg.checkpoint.save),
+        ("--tensorboard-dir", cfg.log.tensorboard_dir),
+        ("--wandb-save-dir", cfg.log.wandb_save_dir),
+    ):
+        if path:
+            check_writable(path, flag, directory=True)
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
     if student.is_moe:
         raise GopdError(
@@ -66,7 +76,9 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
         name = f"teacher ({key})" if key != DEFAULT_DOMAIN else "teacher"
         check_vocab_compatible(student, arch, name)
 
-    def load(path):
+    skipped: dict[str, int] = {}
+
+    def load(path, training):
         return load_prompts(
             path,
             tokenizer,
@@ -74,10 +86,13 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
             known_domains=cfg.routing.teacher_domains,
             max_prompt_len=cfg.data.max_prompt_len,
             chat_template_kwargs=cfg.data.chat_template_kwargs,
+            keep_domains=cfg.data.domains,
+            require_kept_domains=training,
+            skipped=skipped if training else None,
         )
 
-    prompts = load(cfg.data.prompt_data)
-    eval_prompts = load(cfg.data.eval_prompt_data) if cfg.data.eval_prompt_data else None
+    prompts = load(cfg.data.prompt_data, True)
+    eval_prompts = load(cfg.data.eval_prompt_data, False) if cfg.data.eval_prompt_data else None
     routing = cfg.routing.resolve(p.domain for p in [*prompts, *(eval_prompts or [])])
     for d in routing.domains:
         key = routing[d].reference
@@ -90,6 +105,9 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
             f"student, which expert parallelism cannot keep in step: use the sampled estimator "
             f"with --expert-model-parallel-size {cfg.parallel.ep}"
         )
+    if parallel.is_rank0():
+        for line in describe_domains(cfg, routing, prompts, eval_prompts, skipped):
+            log.info("%s", line)
     if cfg.loss.estimator != "sampled" and cfg.parallel.pp > 1:
         raise GopdError(
             f"--gopd-estimator {cfg.loss.estimator} needs the frozen roles' logits at the "
@@ -152,3 +170,31 @@ def check_memory(cfg, routing: DomainRouting, world_size: int) -> None:
         budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
     if budget is not None:
         memory.check_fits(student, frozen, budget, offload_frozen=cfg.models.offload_frozen)
+
+
+def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int]) -> list[str]:
+    """What the run does with each domain, for the start-up log: its prompt counts, teacher,
+    lambda and reference, so that mixed data routed to one teacher is said, not silent."""
+    train = Counter(p.domain for p in prompts)
+    evals = Counter(p.domain for p in eval_prompts or [])
+    domains = routing.domains
+    head = f"{len(domains)} domain{'s' if len(domains) != 1 else ''} ({', '.join(domains)})"
+    if list(cfg.routing.teachers) == [DEFAULT_DOMAIN] and len(domains) > 1:
+        head += (
+            "; one teacher (--teacher-load PATH) scores all of them: name one per domain with "
+            "--teacher-load DOMAIN=PATH, or keep some with --domains"
+        )
+    lines = [head]
+    for d in domains:
+        route = routing[d]
+        ref = route.reference
+        counts = f"{train[d]} training" + (f" / {evals[d]} evaluation" if eval_prompts else "")
+        lines.append(
+            f"  {d}: {counts} prompts -> teacher {cfg.routing.teachers[route.teacher]}, "
+            f"lambda {route.lam:g}, "
+            + (f"reference {cfg.routing.references[ref]}" if ref else "no reference")
+        )
+    if skipped:
+        dropped = ", ".join(f"{d} ({n})" for d, n in sorted(skipped.items()))
+        lines.append(f"  --domains {','.join(cfg.data.domains)}: skipped the prompts of {dropped}")
+    return lines

@@ -8,10 +8,15 @@ Launched servers (``--rollout-engine sglang|cpu``) need a Hugging Face directory
 student's weights *as the trainer holds them* (initial or resumed) are exported to
 ``SAVE/rollout/init_hf`` first (collective gather, rank 0 writes), so a resumed run's servers start
 from the resumed weights. Attached servers (``external``) get those weights by the first push.
+Without ``--save`` the rollout files go to a temporary directory (``TMPDIR``), removed at the end,
+never into the current directory.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,7 +99,7 @@ class RolloutSide:
         self.syncer = None
         self.version = None
         r = cfg.rollout
-        self.workdir = (cfg.run_dir or Path(".")) / "rollout"
+        self._workdir: Path | None = None
         stop = tuple(
             t
             for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)}
@@ -111,6 +116,21 @@ class RolloutSide:
         )
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def workdir(self) -> Path:
+        """``SAVE/rollout``; without ``--save`` a temporary directory, made on first use and
+        removed at the end (only global rank 0 writes rollout files)."""
+        if self._workdir is None:
+            if self.cfg.run_dir is not None:
+                self._workdir = self.cfg.run_dir / "rollout"
+            elif parallel.is_rank0():
+                self._workdir = Path(tempfile.mkdtemp(prefix="gopd-rollout-"))
+                atexit.register(shutil.rmtree, self._workdir, ignore_errors=True)
+                log.info("no --save: rollout files go to %s (removed at the end)", self._workdir)
+            else:
+                self._workdir = Path(tempfile.gettempdir()) / "gopd-rollout-of-rank-0"
+        return self._workdir
 
     def check_reachable(self) -> None:
         """Attached servers must answer before any model is built (rank 0 asks, all raise)."""
@@ -235,6 +255,8 @@ class RolloutSide:
             self.syncer.close()
         if self.servers is not None and parallel.is_rank0():
             self.servers.stop()
+        if self.cfg.run_dir is None and self._workdir is not None and parallel.is_rank0():
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def make_rollout(cfg, tokenizer) -> RolloutSide:

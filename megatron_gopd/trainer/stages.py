@@ -31,7 +31,7 @@ from megatron_gopd.models.build import RoleModel, build_role
 from megatron_gopd.models.checkpoint import CheckpointMeta, read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.scoring import score_sequences
 from megatron_gopd.trainer import checkpointing
-from megatron_gopd.trainer.config import TrainConfig
+from megatron_gopd.trainer.config import TrainConfig, check_world
 from megatron_gopd.trainer.data import Prompt, PromptDataset, PromptIterator
 from megatron_gopd.trainer.preflight import check_memory, load_tokenizer, validate_inputs
 from megatron_gopd.trainer.tracking import (
@@ -84,6 +84,7 @@ class GOPDTrainer:
         self.routing = inputs.routing  # domain -> teacher, reference or none, lambda
         # the memory of the layout and the rollout servers are checked before any model is built
         parallel.initialize(cfg.parallel, seed=cfg.seed)
+        check_world(cfg, parallel.world_size())
         check_memory(cfg, self.routing, parallel.world_size())
         self.rollout = rollout_factory(cfg, self.tokenizer)
         self.rollout.check_reachable()
@@ -125,6 +126,7 @@ class GOPDTrainer:
         self.data = PromptIterator(PromptDataset(inputs.prompts), seed=cfg.seed)
         self.eval_prompts = inputs.eval_prompts
         self.start_step = 0
+        self.skipped_updates = 0
         load = cfg.checkpoint.load
         if (
             load
@@ -144,6 +146,7 @@ class GOPDTrainer:
             self.opt.scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             self.start_step = int(state["step"])
+            self.skipped_updates = int(state.get("skipped_updates", 0))
             if parallel.is_rank0():
                 log.info("resumed from %s at step %d", load, self.start_step)
         self._stop = False
@@ -245,7 +248,7 @@ class GOPDTrainer:
         cfg = self.cfg
         _, dp = self.dp
         per_update = cfg.global_batch_size // dp
-        reports, stats = [], {}
+        reports, stats, skipped = [], {}, 0.0
         frozen = self._frozen_logits if cfg.loss.estimator != "sampled" else None
         for u in range(cfg.updates_per_step):
             part = samples[u * per_update : (u + 1) * per_update]
@@ -266,8 +269,13 @@ class GOPDTrainer:
                 frozen_logits=frozen,
             )
             reports.extend(r)
+            skipped += stats["optim/update_skipped"]
         metrics = self._reduce_to_rank0(reports)
         metrics.update(stats)
+        # updates skipped for a non-finite gradient norm: this step's, and the run's so far
+        self.skipped_updates += int(skipped)
+        metrics["optim/update_skipped"] = skipped
+        metrics["counters/skipped_updates"] = float(self.skipped_updates)
         return metrics
 
     def sync_weights(self) -> None:
@@ -347,7 +355,11 @@ class GOPDTrainer:
         if not self.cfg.checkpoint.save:
             return
         with self.timer("save"):
-            state = {"scheduler": self.opt.scheduler.state_dict(), "data": self.data.state_dict()}
+            state = {
+                "scheduler": self.opt.scheduler.state_dict(),
+                "data": self.data.state_dict(),
+                "skipped_updates": self.skipped_updates,
+            }
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra, trained_steps=step))
             checkpointing.save_training_checkpoint(
                 self.cfg.checkpoint.save,
@@ -391,8 +403,16 @@ class GOPDTrainer:
         return out
 
     def _correct(self, response: str, answer: str) -> bool:
+        """``response`` is the decoded response. ``exact``: equal to the answer as the same
+        tokenizer encodes and decodes it, so that how the tokenizer joins pieces does not
+        matter (a word-level tokenizer decodes ``1801`` as ``'1 8 0 1'``); surrounding whitespace
+        is ignored."""
         if self.cfg.eval.grader == "exact":
-            return response.strip() == answer.strip()
+            response, answer = response.strip(), answer.strip()
+            if response == answer:
+                return True
+            ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            return response == self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         from megatron_gopd.evaluation.math_grader import grade_math
 
         return grade_math(response, answer).correct

@@ -20,10 +20,21 @@ from typing import Literal
 
 import torch
 
+from megatron_gopd import parallel
 from megatron_gopd.flags import flag
 from megatron_gopd.types import RolloutBatch, Sample
+from megatron_gopd.utils import get_logger
 
-__all__ = ["OptimConfig", "Optimizer", "build_optimizer", "collate", "train_step"]
+__all__ = [
+    "OptimConfig",
+    "Optimizer",
+    "build_optimizer",
+    "collate",
+    "skip_non_finite_updates",
+    "train_step",
+]
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,42 @@ def build_optimizer(model, optim_cfg, *, train_iters: int, bf16: bool) -> Optimi
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp.no_sync
+    skip_non_finite_updates(optimizer)
     return Optimizer(ddp=ddp, optimizer=optimizer, scheduler=scheduler)
+
+
+def skip_non_finite_updates(optimizer) -> None:
+    """Make ``optimizer.step()`` skip the update when the gradient norm is NaN or inf.
+
+    Megatron's optimizer skips such a step only when a loss scaler looks for inf/NaN (fp16); in
+    fp32 and bf16 a NaN gradient goes into Adam and turns every weight into NaN, silently. Here
+    the step is skipped the same way: weights, optimizer state and (in :func:`train_step`) the LR
+    schedule are left as they were, ``step()`` returns ``(False, grad_norm, ...)`` and the skip is
+    counted. The gradient norm is the one megatron-core computes for clipping (over every
+    model-parallel and, with the distributed optimizer, data-parallel rank), so all ranks agree.
+
+    ``ChainedOptimizer.step`` (megatron-core 0.16 - 0.19) computes the norm with
+    ``get_grad_norm()`` and then applies the update with ``step_with_ready_grads()``; both are
+    wrapped on this instance. Should a later version not ask for the norm first, the wrapper
+    computes it itself.
+    """
+    get_grad_norm, step_with_ready_grads = optimizer.get_grad_norm, optimizer.step_with_ready_grads
+    seen: list[float] = []
+
+    def recording_get_grad_norm():
+        norm = get_grad_norm()
+        seen.append(float(norm))
+        return norm
+
+    def guarded_step_with_ready_grads():
+        norm = seen.pop() if seen else float(get_grad_norm())
+        seen.clear()
+        if not math.isfinite(norm):
+            return False
+        return step_with_ready_grads()
+
+    optimizer.get_grad_norm = recording_get_grad_norm
+    optimizer.step_with_ready_grads = guarded_step_with_ready_grads
 
 
 def train_step(
@@ -240,6 +286,8 @@ def train_step(
     ok, grad_norm, _ = opt.optimizer.step()
     if ok:
         opt.scheduler.step(increment=1)
+    elif parallel.is_rank0():
+        log.warning("the gradients are not finite (norm %s): this update is skipped", grad_norm)
     stats = {
         "optim/lr": opt.optimizer.param_groups[0]["lr"],
         "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
