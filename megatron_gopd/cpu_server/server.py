@@ -440,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--tp-size", type=int, default=1, help="only 1 (accepted for compatibility)")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="always on (accepted)")
+    p.add_argument(
+        "--enable-fp32-lm-head",
+        action="store_true",
+        help="as SGLang's: the LM head computes fp32 logits (bf16 products, fp32 accumulation)",
+    )
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
     return p
 
 
@@ -459,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         context_length=args.context_length,
         random_seed=args.random_seed,
+        enable_fp32_lm_head=args.enable_fp32_lm_head,
+        device=args.device,
     )
     server = CpuServer(engine, args.host, args.port)
     try:

@@ -29,11 +29,15 @@ from megatron_gopd.utils import GopdError, get_logger
 
 __all__ = [
     "LocalRMSNorm",
+    "OffloadStats",
     "RecomputeConfig",
     "RoleModel",
     "build_gpt",
     "build_role",
     "check_vocab_compatible",
+    "final_hidden_states",
+    "output_rows",
+    "output_weight",
     "transformer_config",
     "unwrap_model",
     "use_transformer_engine",
@@ -135,7 +139,8 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    arch.check_parallel(tp, pp)
+    ep = ps.get_expert_model_parallel_world_size() if arch.is_moe else 1
+    arch.check_parallel(tp, pp, ep)
     kw: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -164,9 +169,38 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
         calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,
     )
+    if arch.is_moe:
+        kw.update(_moe_config(arch, ep))
     kw.update(platform.transformer_config_overrides())
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def _moe_config(arch: ModelArch, ep: int) -> dict[str, Any]:
+    """megatron-core's MoE fields for a Qwen3-MoE ``arch`` (frozen roles: no auxiliary loss).
+
+    The router: HF takes the softmax over all experts, keeps the top k and, with
+    ``norm_topk_prob``, divides them by their sum; that equals megatron's top-k of the logits
+    followed by a softmax over those k (``moe_router_pre_softmax=False``). Without
+    ``norm_topk_prob`` the weights are the top k of the full softmax (``pre_softmax=True``).
+    ``moe_layer_freq`` is the explicit per-layer pattern (an integer N would mean layers 0, N, 2N,
+    not HF's ``(i + 1) % decoder_sparse_step``). Tokens travel between expert-parallel ranks with
+    all-to-all (dropless, no capacity factor)."""
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        moe_layer_freq=[int(i in arch.moe_layers) for i in range(arch.num_layers)],
+        expert_model_parallel_size=ep,
+    )
 
 
 class LocalRMSNorm:
@@ -195,29 +229,50 @@ class LocalRMSNorm:
         return norm
 
 
-def layer_spec(arch: ModelArch, use_te: bool, config):
-    """The decoder's spec for this pipeline stage: Transformer Engine's layers, or megatron-core's
-    local ones with :class:`LocalRMSNorm` for every norm (the final one included)."""
+def _local_layer(arch: ModelArch, moe: bool):
     from megatron.core.models.gpt import gpt_layer_specs as specs
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
 
-    if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     from megatron_gopd.models.packed_attention import PackedDotProductAttention
 
-    layer = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    kw = dict(num_experts=arch.num_experts, moe_grouped_gemm=False) if moe else {}
+    layer = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm", **kw)
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = LocalRMSNorm
     attn = sub.self_attention.submodules
     attn.core_attention = PackedDotProductAttention  # packed (THD) micro-batches on CPU too
     if arch.qk_norm:
         attn.q_layernorm = attn.k_layernorm = LocalRMSNorm
-    return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=LocalRMSNorm
+    if moe:
+        # The local spec stores a dense layer's pre-MLP norm under Transformer Engine's fused name
+        # (mlp.linear_fc1.layer_norm_weight); an MoE layer has no fused linear_fc1 in TE's spec,
+        # which keeps pre_mlp_layernorm.weight: so must we, or our checkpoints would not load there.
+        keys = dict(sub.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.", None)
+        sub.sharded_state_dict_keys_map = keys
+    return layer
+
+
+def layer_spec(arch: ModelArch, use_te: bool, config):
+    """The decoder's spec for this pipeline stage: Transformer Engine's layers, or megatron-core's
+    local ones with :class:`LocalRMSNorm` for every norm (the final one included); MoE layers
+    where ``arch.moe_layers`` says."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if use_te:
+        if arch.is_moe:
+            return specs.get_gpt_decoder_block_spec(config, use_transformer_engine=True)
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    first = get_transformer_layer_offset(config)
+    n = get_num_layers_to_build(config)
+    dense = _local_layer(arch, moe=False)
+    moe = _local_layer(arch, moe=True) if arch.is_moe else None
+    layers = [moe if i in arch.moe_layers else dense for i in range(first, first + n)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LocalRMSNorm)
 
 
 def build_gpt(
@@ -277,6 +332,18 @@ def build_gpt(
 
 
 @dataclass
+class OffloadStats:
+    """What ``--offload-frozen`` moved for a role: device loads and host offloads (phases), bytes
+    each way, and how many host buffers were ever allocated (once per tensor)."""
+
+    to_device: int = 0
+    to_host: int = 0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    host_allocations: int = 0
+
+
+@dataclass
 class RoleModel:
     """A model role in the job: its name, architecture, the stage's model chunk(s) and state."""
 
@@ -286,11 +353,27 @@ class RoleModel:
     frozen: bool
     checkpoint: str | None = None
     offload: bool = False
+    offload_stats: OffloadStats = field(default_factory=OffloadStats, repr=False)
     _on_device: bool = field(default=True, repr=False)
+    _host: list[torch.Tensor] | None = field(default=None, repr=False)
+    _users: int = field(default=0, repr=False)
 
     @property
     def model(self):
         return self.chunks[0]
+
+    @property
+    def lockstep_group(self):
+        """The process group whose ranks must run this role's forward passes together, however
+        many sequences each has: the expert-parallel group of an MoE model at EP > 1 (its MoE
+        layers exchange tokens with all-to-alls over it). None for dense models."""
+        if not self.arch.is_moe:
+            return None
+        from megatron.core import parallel_state as ps
+
+        if ps.get_expert_model_parallel_world_size() == 1:
+            return None
+        return ps.get_expert_model_parallel_group()
 
     @property
     def sequence_multiple(self) -> int:
@@ -305,34 +388,62 @@ class RoleModel:
             m.requires_grad_(False)
         self.frozen = True
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for m in self.chunks for t in _tensors(m)]
+
     def offload_to_host(self) -> None:
-        """Move this role's weights to (pinned) host memory; a no-op on CPU machines."""
-        if not platform.cuda_available() or not self._on_device:
+        """Leave the device: the weights live in host memory (pinned with CUDA) until the next
+        :meth:`load_to_device`.
+
+        The host buffers are allocated and filled once, at the first offload, and reused by every
+        later one. A frozen role's weights never change, so from then on the host copy is
+        current and leaving the device is only dropping the device copy: no transfer back, no
+        allocation. On a machine without CUDA the same steps run with host "devices" (the moves
+        cost nothing; the counters in :attr:`offload_stats` are the same as on a GPU)."""
+        if not self._on_device:
             return
-        for m in self.chunks:
-            for t in _tensors(m):
-                t.data = t.data.to("cpu", non_blocking=True).pin_memory()
-        torch.cuda.synchronize()
+        if not self.frozen:
+            raise RuntimeError(f"role {self.name} is trained: only frozen roles are offloaded")
+        tensors = self._tensors()
+        st = self.offload_stats
+        if self._host is None:
+            pin = platform.cuda_available()
+            self._host = [torch.empty_like(t.data, device="cpu", pin_memory=pin) for t in tensors]
+            for h, t in zip(self._host, tensors, strict=True):
+                h.copy_(t.data, non_blocking=pin)
+            if pin:
+                torch.cuda.synchronize()
+            st.host_allocations += len(tensors)
+            st.bytes_to_host += sum(t.numel() * t.element_size() for t in tensors)
+        for h, t in zip(self._host, tensors, strict=True):
+            t.data = h
+        st.to_host += 1
         self._on_device = False
 
     def load_to_device(self) -> None:
-        if not platform.cuda_available() or self._on_device:
+        if self._on_device:
             return
-        dev = torch.device("cuda", torch.cuda.current_device())
-        for m in self.chunks:
-            for t in _tensors(m):
-                t.data = t.data.to(dev, non_blocking=True)
+        dev = platform.device()
+        for h, t in zip(self._host, self._tensors(), strict=True):
+            t.data = h.to(dev, non_blocking=True)
+        st = self.offload_stats
+        st.to_device += 1
+        st.bytes_to_device += sum(h.numel() * h.element_size() for h in self._host)
         self._on_device = True
 
     @contextlib.contextmanager
     def in_use(self):
-        """Weights on the device for the duration of the block; back on the host after it when
-        ``offload`` is set (frozen roles between scoring passes)."""
+        """Weights on the device for the duration of the block; back on the host after the
+        outermost such block when ``offload`` is set (frozen roles between phases). Blocks nest:
+        a phase holds the role once (e.g. the whole update, with every micro-batch's teacher
+        forward inside), so the weights cross the bus once per phase, not per micro-batch."""
         self.load_to_device()
+        self._users += 1
         try:
             yield self
         finally:
-            if self.offload:
+            self._users -= 1
+            if self.offload and self._users == 0:
                 self.offload_to_host()
 
 
@@ -438,3 +549,52 @@ def unwrap_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+# ---------------------------------------------------------------------------------- output layer
+
+
+@contextlib.contextmanager
+def final_hidden_states(model):
+    """Make the GPTModel (inside any wrapper) return its final, normed hidden states ``[S, B, H]``
+    (``[S / TP, B, H]`` under sequence parallelism) instead of logits: the output layer then runs
+    in fp32, chunk by chunk (:mod:`megatron_gopd.vocab_parallel.output_layer`)."""
+    gpt = unwrap_model(model)
+    saved = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = saved
+
+
+def output_weight(model) -> torch.Tensor:
+    """This TP rank's ``[V_padded / TP, H]`` output weight (the embedding's when tied)."""
+    gpt = unwrap_model(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def output_rows(model, hidden: torch.Tensor, *, grad: bool) -> torch.Tensor:
+    """Final hidden states ``[S(/TP), B, H]`` -> ``[B * S, H]``, one row per token in ``(b, s)``
+    order, as this rank's slice of the output layer reads them (what megatron-core's
+    ``ColumnParallelLinear`` does to its input).
+
+    Under sequence parallelism the sequence is gathered from the TP ranks. With ``grad`` the
+    gradient flowing back is summed over the TP group (each rank's is its vocabulary slice's
+    share): a reduce-scatter under sequence parallelism, else an all-reduce."""
+    from megatron.core import tensor_parallel
+
+    config = unwrap_model(model).config
+    if config.sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=grad
+        )
+    rows = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+    if grad and not config.sequence_parallel and config.tensor_model_parallel_size > 1:
+        # after the reshape, not before: megatron-core's all-reduce in this region's backward
+        # reduces ``grad.contiguous()`` and returns ``grad``, so a non-contiguous gradient (that of
+        # the transposed [S, B, H] states) would silently stay unreduced
+        rows = tensor_parallel.copy_to_tensor_model_parallel_region(rows)
+    return rows

@@ -60,6 +60,8 @@ class ServerLaunchConfig:
     enable_memory_saver: bool = False
     random_seed: int = 0
     deterministic: bool = False  # --enable-deterministic-inference: honours sampling_seed
+    # --enable-fp32-lm-head: fp32 logits, as the trainer computes its log-probs (both backends)
+    fp32_lm_head: bool = False
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
@@ -224,6 +226,8 @@ class RolloutServers:
             ]
             if cfg.context_length:
                 cmd += ["--context-length", str(cfg.context_length)]
+            if cfg.fp32_lm_head:
+                cmd.append("--enable-fp32-lm-head")
             return cmd + list(cfg.extra_args)
         cmd = [
             sys.executable,
@@ -253,6 +257,8 @@ class RolloutServers:
             cmd += ["--context-length", str(cfg.context_length)]
         if cfg.deterministic:
             cmd.append("--enable-deterministic-inference")
+        if cfg.fp32_lm_head:
+            cmd.append("--enable-fp32-lm-head")
         return cmd + list(cfg.extra_args)
 
     def _port(self, index: int) -> int:

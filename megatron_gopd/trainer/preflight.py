@@ -20,7 +20,7 @@ from megatron_gopd.trainer.data import DEFAULT_DOMAIN, Prompt, load_prompts
 from megatron_gopd.trainer.routing import DomainRouting
 from megatron_gopd.utils import GopdError, check_writable, get_logger
 
-__all__ = ["Inputs", "describe_domains", "load_tokenizer", "validate_inputs"]
+__all__ = ["Inputs", "check_memory", "describe_domains", "load_tokenizer", "validate_inputs"]
 
 log = get_logger(__name__)
 
@@ -65,11 +65,18 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
             check_writable(path, flag, directory=True)
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
     cfg.recompute.overrides(student, cfg.parallel.pp)  # the recompute flags fit the student
+    if student.is_moe:
+        raise GopdError(
+            f"the student {cfg.models.student_load} is a mixture-of-experts model "
+            f"({student.hf_architecture}): MoE students are not supported (teachers and "
+            f"references may be MoE)"
+        )
     teachers = cfg.routing.teachers
     for key, path in teachers.items():
         arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
         name = f"teacher ({key})" if key != DEFAULT_DOMAIN else "teacher"
         check_vocab_compatible(student, arch, name)
+        _check_logits_comparable(cfg, student, arch, name)
 
     skipped: dict[str, int] = {}
 
@@ -94,6 +101,13 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
         if key is not None:
             arch = read_checkpoint_meta(resolve_checkpoint(cfg.routing.references[key])).arch
             check_vocab_compatible(student, arch, f"reference ({d})")
+            _check_logits_comparable(cfg, student, arch, f"reference ({d})")
+    if cfg.loss.estimator != "sampled" and cfg.parallel.ep > 1:
+        raise GopdError(
+            f"--gopd-estimator {cfg.loss.estimator} runs the frozen roles per micro-batch of the "
+            f"student, which expert parallelism cannot keep in step: use the sampled estimator "
+            f"with --expert-model-parallel-size {cfg.parallel.ep}"
+        )
     if parallel.is_rank0():
         for line in describe_domains(cfg, routing, prompts, eval_prompts, skipped):
             log.info("%s", line)
@@ -103,6 +117,62 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
             f"student's last stage: use --pipeline-model-parallel-size 1"
         )
     return Inputs(prompts, eval_prompts, routing)
+
+
+def check_memory(cfg, routing: DomainRouting, world_size: int) -> None:
+    """Print each role's estimated per-GPU memory for this layout (rank 0) and refuse a layout
+    that cannot fit ``--gpu-memory-gb`` (default: the device's memory; no check on a CPU)."""
+    from megatron_gopd import parallel, platform
+    from megatron_gopd.models import memory
+
+    par = cfg.parallel
+    lay = memory.Layout(
+        tp=par.tp,
+        pp=par.pp,
+        ep=par.ep,
+        dp=max(world_size // (par.tp * par.pp), 1),
+        sequence_parallel=par.sequence_parallel,
+    )
+    # one micro-batch of the longest sequences the data and the rollouts allow
+    tokens = cfg.micro_batch_size * (cfg.data.max_prompt_len + cfg.rollout.max_response_len)
+    common = dict(bf16=cfg.models.bf16, tokens=tokens)
+
+    def estimate(name, path, trainable):
+        ckpt = resolve_checkpoint(path)
+        return memory.estimate_role(
+            name,
+            read_checkpoint_meta(ckpt).arch,
+            lay,
+            trainable=trainable,
+            distributed_optimizer=cfg.optim.use_distributed_optimizer,
+            source=str(ckpt.resolve()),
+            **common,
+        )
+
+    student = estimate("student", cfg.models.student_load, True)
+    frozen = [
+        estimate(f"teacher:{k}", cfg.routing.teachers[k], False) for k in routing.teacher_keys
+    ]
+    frozen += [
+        estimate(f"reference:{k}", cfg.routing.references[k], False) for k in routing.reference_keys
+    ]
+    if parallel.is_rank0():
+        log.info(
+            "estimated memory per GPU (TP=%d PP=%d EP=%d DP=%d, micro-batch of %d tokens):\n%s",
+            lay.tp,
+            lay.pp,
+            lay.ep,
+            lay.dp,
+            tokens,
+            memory.format_table([student, *frozen]),
+        )
+    budget = cfg.models.gpu_memory_gb
+    if budget is None and platform.cuda_available():
+        import torch
+
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+    if budget is not None:
+        memory.check_fits(student, frozen, budget, offload_frozen=cfg.models.offload_frozen)
 
 
 def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int]) -> list[str]:
@@ -131,3 +201,29 @@ def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int
         dropped = ", ".join(f"{d} ({n})" for d, n in sorted(skipped.items()))
         lines.append(f"  --domains {','.join(cfg.data.domains)}: skipped the prompts of {dropped}")
     return lines
+
+
+def _check_logits_comparable(cfg, student, other, name: str) -> None:
+    """The full-vocabulary and top-k estimators read the teacher's and reference's logits next to
+    the student's, column by column on each tensor-parallel rank's vocabulary slice: the three
+    must be padded to one size (the same slices), and a frozen role must have a row for every
+    token the student can produce (it may have more: its softmax runs over its own rows)."""
+    est = cfg.loss.estimator
+    if est == "sampled":
+        return
+    if other.padded_vocab_size != student.padded_vocab_size:
+        raise GopdError(
+            f"--gopd-estimator {est} reads the {name}'s logits next to the student's on the same "
+            f"vocabulary slice of every tensor-parallel rank, but the {name}'s vocabulary is "
+            f"padded to {other.padded_vocab_size} rows and the student's to "
+            f"{student.padded_vocab_size}: convert both with the same "
+            "--make-vocab-size-divisible-by (the default, 1024, pads e.g. 151936 and 152064 "
+            "rows alike), or use --gopd-estimator sampled"
+        )
+    if other.vocab_size < student.vocab_size:
+        raise GopdError(
+            f"--gopd-estimator {est}: the {name} has {other.vocab_size} vocabulary rows, fewer "
+            f"than the student's {student.vocab_size}, so it gives no probability to tokens the "
+            "student can produce and the full-vocabulary KL is infinite; use --gopd-estimator "
+            "sampled"
+        )

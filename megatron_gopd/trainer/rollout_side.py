@@ -41,10 +41,22 @@ class RolloutConfig:
     rollout_batch_size: int = flag(32, help="prompts per training step")
     n_samples_per_prompt: int = flag(4, help="responses sampled per prompt")
     temperature: float = flag(
-        1.0, name="--rollout-temperature", help="sampling temperature (the paper: 1.0)"
+        1.0,
+        name="--rollout-temperature",
+        help="sampling temperature T (the paper: 1.0); the student is trained, and the teacher "
+        "and reference scored, on softmax(logits / T)",
     )
-    top_p: float = flag(1.0, name="--rollout-top-p", help="nucleus sampling mass (1: off)")
-    top_k: int = flag(-1, name="--rollout-top-k", help="sample among the k likeliest (-1: off)")
+    top_p: float = flag(
+        1.0,
+        name="--rollout-top-p",
+        help="nucleus sampling mass; training refuses anything but 1 (samples must come from the "
+        "full distribution the trainer scores)",
+    )
+    top_k: int = flag(
+        -1,
+        name="--rollout-top-k",
+        help="sample among the k likeliest; training refuses anything but -1 (off)",
+    )
     max_response_len: int = flag(1024, help="longest response in tokens (longer: truncated)")
     engine: Literal["sglang", "cpu", "external"] = flag(
         "sglang",
@@ -170,6 +182,8 @@ class RolloutSide:
                         enable_memory_saver=r.sglang_enable_memory_saver,
                         random_seed=self.cfg.seed,
                         deterministic=True,
+                        # the trainer's log-probs come from fp32 logits: so do the engine's
+                        fp32_lm_head=True,
                         log_dir=str(self.workdir / "logs"),
                     )
                 ).start()

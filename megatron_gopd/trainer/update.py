@@ -31,6 +31,7 @@ __all__ = [
     "build_optimizer",
     "collate",
     "skip_non_finite_updates",
+    "student_loss",
     "train_step",
 ]
 
@@ -231,20 +232,24 @@ def train_step(
     micro_batch_size: int,
     loss_cfg,
     vocab_size: int,
+    temperature: float = 1.0,
     frozen_logits=None,
 ) -> tuple[list[dict], dict[str, float]]:
     """One optimizer step on ``batch`` (this data-parallel rank's share).
 
-    ``frozen_logits(tokens_BS) -> (teacher_logits, ref_logits)`` supplies the frozen roles'
-    vocab-parallel logits for the full-vocabulary estimators (None for the sampled estimator).
-    Returns the per-micro-batch loss reports (last pipeline stage; [] elsewhere) and optimizer
-    stats.
+    The student's log-probs are those of ``softmax(logits / temperature)`` (the sampling
+    temperature: the policy the rollouts came from), with fp32 logits made chunk by chunk from the
+    final hidden states (:mod:`megatron_gopd.vocab_parallel.output_layer`).
+    ``frozen_logits(mb) -> (teacher, reference)`` supplies the frozen roles'
+    :class:`~megatron_gopd.vocab_parallel.output_layer.FrozenLogits` for the full-vocabulary
+    estimators (None for the sampled estimator). Returns the per-micro-batch loss reports (last
+    pipeline stage; [] elsewhere) and optimizer stats.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_gopd import platform
-    from megatron_gopd.trainer.loss import gopd_loss
+    from megatron_gopd.models.build import final_hidden_states
 
     device = platform.device()
     rows, S = batch.tokens_BS.shape
@@ -264,12 +269,20 @@ def train_step(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        logits = model(mb.tokens_BS, position_ids, None)
+        with final_hidden_states(model):
+            hidden_SBH = model(mb.tokens_BS, position_ids, None)
         extra = {}
         if frozen_logits is not None and ps.is_pipeline_last_stage():
             extra["teacher_logits_BSV"], extra["ref_logits_BSV"] = frozen_logits(mb)
-        return logits, partial(
-            gopd_loss, mb=mb, cfg=loss_cfg, tp_group=tp_group, vocab_size=vocab_size, **extra
+        return hidden_SBH, partial(
+            student_loss,
+            model=model,
+            mb=mb,
+            cfg=loss_cfg,
+            tp_group=tp_group,
+            vocab_size=vocab_size,
+            temperature=temperature,
+            **extra,
         )
 
     opt.ddp.zero_grad_buffer()
@@ -294,3 +307,29 @@ def train_step(
         "optim/update_skipped": 0.0 if ok else 1.0,
     }
     return reports or [], stats
+
+
+def student_loss(
+    hidden_SBH: torch.Tensor,
+    *,
+    model,
+    mb: RolloutBatch,
+    cfg,
+    tp_group,
+    vocab_size: int,
+    temperature: float,
+    **frozen,
+):
+    """megatron-core's ``loss_func`` on the last stage: the student's fp32 output layer at the
+    sampling temperature on its final hidden states, then :func:`gopd_loss`."""
+    from megatron_gopd.models.build import output_rows, output_weight
+    from megatron_gopd.trainer.loss import gopd_loss
+    from megatron_gopd.vocab_parallel.output_layer import OutputLayer
+
+    student = OutputLayer(
+        output_rows(model, hidden_SBH, grad=True),
+        output_weight(model),
+        vocab_size,
+        temperature=temperature,
+    )
+    return gopd_loss(student, mb, cfg, tp_group=tp_group, **frozen)
