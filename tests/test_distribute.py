@@ -34,19 +34,20 @@ def _samples(n, seed):
 
 def test_encode_decode_is_exact():
     s = _samples(11, 0)
-    assert distribute.decode(distribute.encode(s)) == s
-    assert distribute.decode(distribute.encode([])) == []
+    assert distribute.decode(distribute.encode(s, [[3, 8]])) == (s, [[3, 8]])
+    assert distribute.decode(distribute.encode([])) == ([], None)
 
 
 def _receive(dp):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    shares = None
+    shares = layouts = None
     if dist.get_rank() == 0:
         all_ = _samples(13, 1)
         shares = [all_[r::dp] for r in range(dp)]
-    return ps.get_data_parallel_rank(), distribute.scatter_samples(shares)
+        layouts = [[r, "x"] for r in range(dp)]
+    return ps.get_data_parallel_rank(), distribute.scatter_samples(shares, layouts)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2-dp2", "pp2-dp2"])
@@ -54,5 +55,5 @@ def test_each_replica_gets_its_share(tp, pp):
     dp = 2
     out = run_distributed(_receive, tp * pp * dp, dp, parallel=ParallelConfig(tp, pp))
     want = _samples(13, 1)
-    for dp_rank, got in out:
-        assert got == want[dp_rank::dp]
+    for dp_rank, (got, layout) in out:
+        assert got == want[dp_rank::dp] and layout == [dp_rank, "x"]

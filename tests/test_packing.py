@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_gopd import packing
+from megatron_gopd.gopd import GOPDLossConfig
 from megatron_gopd.models.arch import ModelArch
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.testing import run_distributed
@@ -99,6 +100,8 @@ ARCH = ModelArch(
     qk_norm=True,
 )
 LENS = [5, 9, 3, 1, 12]
+# ExOPD with per-domain lambdas, seq_mean and truncated IS: every per-sequence term of the loss
+GOPD_CFG = GOPDLossConfig(aggregation="seq_mean", tis_cap=2.0)
 
 
 def _packed_vs_padded(sp, boundaries=True):
@@ -207,3 +210,151 @@ def test_recompute_flags_are_checked():
     for flags, msg in bad:
         with pytest.raises(GopdError, match=msg):
             RecomputeConfig(**flags).overrides(four, 1)
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+@pytest.fixture(scope="module")
+def converted_qwen3(tmp_path_factory):
+    from megatron_gopd.testing import make_tiny_hf_model
+    from tests.test_parity_hf import _sequences, convert, hf_logprobs
+
+    d = tmp_path_factory.mktemp("pack_score")
+    hf = make_tiny_hf_model(d / "hf", "qwen3", seed=3)
+    hf.config._attn_implementation = "eager"
+    convert(d / "hf", d / "mcore")
+    seqs = _sequences(hf.config.vocab_size, seed=5)
+    return d / "mcore", seqs, hf_logprobs(hf.eval(), seqs)
+
+
+def _score_both(ckpt, seqs, sp):
+    from megatron_gopd.models import build_role
+    from megatron_gopd.scoring import score_sequences
+
+    role = build_role("teacher", ckpt, frozen=True, sequence_parallel=sp)
+    padded = score_sequences(role, seqs, micro_batch_size=2)
+    packed = score_sequences(role, seqs, max_tokens=100)  # 80 + 17; 33 + 9 + 5: two packs
+    return padded, packed
+
+
+@pytest.mark.parametrize(
+    "tp,pp,sp", [(1, 1, False), (2, 1, True), (1, 2, False)], ids=["tp1", "tp2-sp", "pp2"]
+)
+def test_packed_scoring_equals_padded_and_hf(converted_qwen3, tp, pp, sp):
+    from tests.test_parity_hf import TOL, max_diff
+
+    ckpt, seqs, ref = converted_qwen3
+    outs = run_distributed(
+        _score_both, tp * pp, str(ckpt), seqs, sp, parallel=ParallelConfig(tp, pp, sp)
+    )
+    for padded, packed in outs:
+        assert [len(x) for x in packed] == [len(s) - 1 for s in seqs]
+        for a, b in zip(padded, packed, strict=True):
+            assert (a - b).abs().max().item() <= 1e-6 * max(1.0, a.abs().max().item())
+        assert max_diff(packed, ref) <= TOL
+
+
+# ---------------------------------------------------------------------------------- the update
+
+
+def _samples(n=7, seed=11):
+    from megatron_gopd.types import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        P = int(torch.randint(1, 6, (1,), generator=g))
+        R = int(torch.randint(0 if i == 3 else 1, 12, (1,), generator=g))
+        out.append(
+            Sample(
+                prompt_ids=torch.randint(0, 50, (P,), generator=g).tolist(),
+                response_ids=torch.randint(0, 50, (R,), generator=g).tolist(),
+                domain=["math", "code"][i % 2],
+                rollout_logprobs_T=(-torch.rand(R, generator=g) * 4).tolist(),
+                teacher_logprobs_T=-torch.rand(R, generator=g) * 4,
+                ref_logprobs_T=-torch.rand(R, generator=g) * 4,
+            )
+        )
+    return out
+
+
+def _update_grads(how, budget, sp=False, no_boundaries=False):
+    """main_grads after one update of the same samples: padded (``how="padded"``) or packed
+    micro-batches planned over the data-parallel ranks with token ``budget``."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_gopd import packing as pk
+    from megatron_gopd.models import build_gpt
+    from megatron_gopd.trainer.update import (
+        OptimConfig,
+        build_optimizer,
+        collate,
+        collate_packed,
+        train_step,
+    )
+    from megatron_gopd.types import PackedSeqs
+
+    if no_boundaries:  # the negative control: one segment, attention across the sequences
+        orig = PackedSeqs.params
+
+        def one_segment(self):
+            p = orig(self)
+            p.cu_seqlens_q = p.cu_seqlens_kv = p.cu_seqlens_q[[0, -1]]
+            p.max_seqlen_q = p.max_seqlen_kv = self.num_tokens
+            return p
+
+        PackedSeqs.params = one_segment
+    model = build_gpt(ARCH, seed=1, spec="local", sequence_parallel=sp)
+    opt = build_optimizer(model, OptimConfig(lr=0.0), train_iters=1, bf16=False)
+    samples = _samples()
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    how_kw = dict(
+        domains=["code", "math"],
+        lam_of={"math": 1.25, "code": 0.5}.get,
+        with_ref=True,
+        sequence_multiple=model.config.tensor_model_parallel_size if sp else 1,
+    )
+    if how == "padded":
+        mine = samples[r::dp]
+        batch = collate(mine, pad_rows_to=2, **how_kw)
+        reports, _ = train_step(opt, batch, micro_batch_size=2, loss_cfg=GOPD_CFG, vocab_size=50)
+    else:
+        plan = pk.plan([len(s.tokens) for s in samples], budget, dp)[r]
+        micro = [collate_packed([samples[i] for i in mb], **how_kw) for mb in plan]
+        reports, _ = train_step(opt, micro, loss_cfg=GOPD_CFG, vocab_size=50)
+    grads = {n: p.main_grad.detach().clone() for n, p in opt.ddp.module.named_parameters()}
+    return grads
+
+
+def _rel(a, b):
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in b)
+
+
+LAYOUTS_UPDATE = [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 1, False), (1, 1, 2, False)]
+
+
+@pytest.mark.parametrize("tp,pp,dp,sp", LAYOUTS_UPDATE, ids=["tp1", "tp2-sp", "pp2", "dp2"])
+def test_packed_update_equals_padded(tp, pp, dp, sp):
+    par = ParallelConfig(tp, pp, sp)
+    world = tp * pp * dp
+    padded = run_distributed(_update_grads, world, "padded", 0, sp, parallel=par)
+    for budget in (20, 64):  # many small packs, or few large ones: the same global token mean
+        packed = run_distributed(_update_grads, world, "packed", budget, sp, parallel=par)
+        for a, b in zip(packed, padded, strict=True):
+            assert _rel(a, b) <= 1e-6
+
+
+def test_packed_update_is_split_invariant_over_data_parallel_sizes():
+    one = run_distributed(_update_grads, 1, "packed", 64, parallel=ParallelConfig())[0]
+    two = run_distributed(_update_grads, 2, "packed", 20, parallel=ParallelConfig())
+    for g in two:
+        assert _rel(g, one) <= 1e-6
+
+
+def test_negative_control_packed_update_without_boundaries():
+    padded = run_distributed(_update_grads, 1, "padded", 0, parallel=ParallelConfig())[0]
+    wrong = run_distributed(_update_grads, 1, "packed", 64, False, True, parallel=ParallelConfig())[
+        0
+    ]
+    assert _rel(wrong, padded) > 1e-2

@@ -169,6 +169,11 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
         calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,
     )
+    if pp > 1:
+        # micro-batches of different lengths (packed sequences) through the pipeline: the stages
+        # exchange each one's shape first; megatron-core allows that with the all-to-all token
+        # dispatcher only, even for a dense model
+        kw.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     if arch.is_moe:
         kw.update(_moe_config(arch, ep))
     kw.update(platform.transformer_config_overrides())

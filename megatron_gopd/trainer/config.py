@@ -145,7 +145,23 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     eval: EvalConfig
     log: LogConfig
-    micro_batch_size: int = flag(1, group=_BATCHES, help="samples per forward pass")
+    micro_batch_size: int = flag(
+        1, group=_BATCHES, help="samples per forward pass (with --no-packing)"
+    )
+    max_tokens_per_microbatch: int | None = flag(
+        None,
+        group=_BATCHES,
+        help="token budget of a packed micro-batch: whole sequences laid end to end, no padding "
+        "between them, for the student update and every frozen role's scoring",
+        default_help="--micro-batch-size x (--max-prompt-len + --max-response-len)",
+    )
+    packing: bool = flag(
+        True,
+        name="--no-packing",
+        invert=True,
+        group=_BATCHES,
+        help="right-padded micro-batches of --micro-batch-size rows instead of packed ones",
+    )
     global_batch_size: int | None = flag(
         None,
         group=_BATCHES,
@@ -370,7 +386,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise GopdError("--train-iters must be >= 1")
     if cfg.eval.interval and not data.eval_prompt_data:
         raise GopdError("--eval-interval needs --eval-prompt-data")
-    return dataclasses.replace(cfg, global_batch_size=gbs)
+    longest = data.max_prompt_len + rollout.max_response_len
+    budget = cfg.max_tokens_per_microbatch or cfg.micro_batch_size * longest
+    if cfg.packing and budget < longest:
+        raise GopdError(
+            f"--max-tokens-per-microbatch {budget} cannot hold the longest sequence the run can "
+            f"produce: --max-prompt-len {data.max_prompt_len} + --max-response-len "
+            f"{rollout.max_response_len} = {longest} tokens"
+        )
+    return dataclasses.replace(cfg, global_batch_size=gbs, max_tokens_per_microbatch=budget)
 
 
 def check_world(cfg: TrainConfig, world_size: int) -> None:

@@ -29,8 +29,9 @@ __all__ = ["decode", "encode", "scatter_samples"]
 _HEADER = 6  # n, prompt tokens, response tokens, samples with rollout log-probs, json bytes, pad
 
 
-def encode(samples: list[Sample]) -> torch.Tensor:
-    """``samples`` -> one flat uint8 tensor (:func:`decode` reverses it exactly)."""
+def encode(samples: list[Sample], layout=None) -> torch.Tensor:
+    """``samples`` (and a small JSON-able ``layout``, e.g. the share's micro-batches) -> one flat
+    uint8 tensor (:func:`decode` reverses it exactly)."""
     n = len(samples)
     p_len = torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.int64)
     r_len = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.int64)
@@ -47,7 +48,8 @@ def encode(samples: list[Sample]) -> torch.Tensor:
         dtype=torch.int64,
     ).reshape(n, 3)
     meta = json.dumps(
-        [[s.domain, s.finish_reason, s.metadata] for s in samples], separators=(",", ":")
+        {"samples": [[s.domain, s.finish_reason, s.metadata] for s in samples], "layout": layout},
+        separators=(",", ":"),
     ).encode()
     header = torch.tensor(
         [n, int(p_len.sum()), int(r_len.sum()), int(sum(with_lp)), len(meta), 0],
@@ -69,7 +71,8 @@ def _empty() -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8)
 
 
-def decode(buf: torch.Tensor) -> list[Sample]:
+def decode(buf: torch.Tensor) -> tuple[list[Sample], object]:
+    """``(samples, layout)`` from :func:`encode`'s tensor."""
     buf = buf.cpu().contiguous()
     pos = 0
 
@@ -87,7 +90,8 @@ def decode(buf: torch.Tensor) -> list[Sample]:
     ids = take(n_p + n_r, torch.int64).tolist()
     n_lps = sum(r for r, (_, _, w) in zip(r_len, scalars, strict=True) if w)
     lps = take(n_lps, torch.float64).tolist()
-    meta = json.loads(bytes(buf[pos : pos + n_meta].tolist()).decode()) if n else []
+    meta = json.loads(bytes(buf[pos : pos + n_meta].tolist()).decode())
+    layout, meta = meta["layout"], meta["samples"]
     out, i, j = [], 0, 0
     for k in range(n):
         P, R = p_len[k], r_len[k]
@@ -109,18 +113,22 @@ def decode(buf: torch.Tensor) -> list[Sample]:
             )
         )
         i += P + R
-    return out
+    return out, layout
 
 
-def scatter_samples(shares: list[list[Sample]] | None, *, device=None) -> list[Sample]:
-    """This rank's share. On global rank 0, ``shares[r]`` is data-parallel replica ``r``'s list
-    (None elsewhere). Collective over all ranks of the job; a world of one returns ``shares[0]``."""
+def scatter_samples(
+    shares: list[list[Sample]] | None, layouts: list | None = None, *, device=None
+) -> tuple[list[Sample], object]:
+    """This rank's ``(share, layout)``. On global rank 0, ``shares[r]`` is data-parallel replica
+    ``r``'s samples and ``layouts[r]`` its layout (None elsewhere). Collective over all ranks of
+    the job; a world of one returns ``shares[0]``."""
+    layouts = layouts if layouts is not None else [None] * len(shares or [])
     from megatron.core import parallel_state as ps
 
     from megatron_gopd import platform
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(shares[0])
+        return list(shares[0]), layouts[0]
     device = device or platform.device()
     dp_group = ps.get_data_parallel_group()
     mp_group = ps.get_model_parallel_group()
@@ -134,7 +142,7 @@ def scatter_samples(shares: list[list[Sample]] | None, *, device=None) -> list[S
         if dist.get_rank() == 0:
             if len(shares) != dp:
                 raise ValueError(f"{len(shares)} shares for {dp} data-parallel replicas")
-            bufs = [encode(s) for s in shares]
+            bufs = [encode(s, lay) for s, lay in zip(shares, layouts, strict=True)]
             longest = max(b.numel() for b in bufs)
             sizes = [torch.tensor([b.numel()], dtype=torch.int64, device=device) for b in bufs]
             padded = [
