@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-__all__ = ["init_custom_process_group"]
+__all__ = ["init_custom_process_group", "tcp_url"]
+
+
+def tcp_url(host: str, port: int) -> str:
+    """``tcp://HOST:PORT`` with an IPv6 address in brackets (``tcp://[fd00::1]:29500``); a host
+    given in brackets already is kept as it is."""
+    host = host.strip()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{int(port)}"
 
 
 def init_custom_process_group(

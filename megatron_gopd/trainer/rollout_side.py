@@ -65,6 +65,12 @@ class RolloutConfig:
         False,
         help="launch SGLang with --enable-memory-saver (implied by --rollout-colocate)",
     )
+    sglang_enable_deterministic_inference: bool = flag(
+        False,
+        help="launch SGLang with --enable-deterministic-inference: rollouts reproducible from "
+        "--seed (SGLang ignores sampling seeds without it), at a cost in sampling speed and "
+        "with fewer attention backends",
+    )
     colocate: bool = flag(
         False,
         name="--rollout-colocate",
@@ -149,7 +155,7 @@ class RolloutSide:
                         mem_fraction_static=r.sglang_mem_fraction_static,
                         enable_memory_saver=r.sglang_enable_memory_saver,
                         random_seed=self.cfg.seed,
-                        deterministic=True,
+                        deterministic=r.sglang_enable_deterministic_inference,
                         log_dir=str(self.workdir / "logs"),
                     )
                 ).start()
