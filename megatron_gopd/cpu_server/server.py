@@ -165,6 +165,8 @@ class CpuServer:
         # SGLang's offload_tags: what /release_memory_occupation took away
         self.memory_released: set[str] = set()
         self._session_open = False  # /begin_weight_update .. /end_weight_update (0.5.21+)
+        # per TP rank, where the last tensor update came from: a handle's device, or "value"
+        self.last_tensor_sources: list[str] = []
         self._admin_lock = threading.Lock()
         self.httpd: ThreadingHTTPServer | None = None
         self.routes = {
@@ -264,6 +266,8 @@ class CpuServer:
             "skip_tokenizer_init": True,
             "version": o.emulate_version,
             "gopd_cpu_server": True,
+            "gopd_device_uuids": [self._device_uuid(t) for t in range(o.tp_size)],
+            "gopd_last_tensor_update_sources": self.last_tensor_sources,
         }
 
     # ------------------------------------------------------------------ generation
@@ -483,13 +487,20 @@ class CpuServer:
             )
 
         def load():
-            # each TP rank deserializes its own entry (SGLang: deserialize_own_rank)
+            # each TP rank deserializes its own entry (SGLang: deserialize_own_rank); a CUDA IPC
+            # handle (here its CPU stand-in) opens only on its own node and GPU
+            sources: list[str] = []
             per_rank = [
                 deserialize_named_tensors(
-                    payloads[t], load_format, device=self._device_uuid(t), tp_rank=t
+                    payloads[t],
+                    load_format,
+                    device=self._device_uuid(t),
+                    tp_rank=t,
+                    sources=sources,
                 )
                 for t in range(self.opts.tp_size)
             ]
+            self.last_tensor_sources = sources
             return self.engine.load_weights(per_rank[0])
 
         return self._weights_result(load, body)

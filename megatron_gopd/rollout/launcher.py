@@ -156,8 +156,6 @@ class ServerLaunchConfig:
                 raise GopdError(f"launching {self.backend} servers needs a model path")
             if self.num_servers < 1 or self.tp_size < 1:
                 raise GopdError("num_servers and tp_size must be >= 1")
-            if self.backend == "cpu" and self.tp_size != 1:
-                raise GopdError("the CPU rollout server supports tp_size 1 only")
 
 
 @dataclass

@@ -189,11 +189,8 @@ def serialize_named_tensors(obj: Any) -> str:
 
 
 def _tensors(obj: Any):
-    if isinstance(obj, dict):
-        yield obj["flattened_tensor"]
-    else:
-        for _, t in obj:
-            yield t
+    items = [obj["flattened_tensor"]] if isinstance(obj, dict) else [t for _, t in obj]
+    yield from (t for t in items if isinstance(t, torch.Tensor))
 
 
 def _load_storage(data: bytes):
@@ -228,6 +225,8 @@ class _Unpickler(pickle.Unpickler):
             return _load_storage
         if (module, name) == (__name__, "CpuIpcHandle"):
             return CpuIpcHandle
+        if (module, name) == (__name__, "FlattenedTensorMetadata"):
+            return FlattenedTensorMetadata
         if module == "sglang.srt.weight_sync.tensor_bucket" and name == "FlattenedTensorMetadata":
             return FlattenedTensorMetadata
         if module == "torch" and (name.endswith(("Storage", "Tensor")) or _is_dtype(name)):
@@ -242,12 +241,21 @@ def _is_dtype(name: str) -> bool:
 
 
 def deserialize_named_tensors(
-    payload: str, load_format: str | None, *, device: str | None = None, tp_rank: int = 0
+    payload: str,
+    load_format: str | None,
+    *,
+    device: str | None = None,
+    tp_rank: int = 0,
+    sources: list[str] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """One TP rank's entry of ``serialized_named_tensors``; ``device``: that rank's device uuid
-    (:func:`cpu_device_uuid`), which a :class:`CpuIpcHandle` must have been made on."""
+    (:func:`cpu_device_uuid`), which a :class:`CpuIpcHandle` must have been made on.
+    ``sources`` collects where the tensors came from: a handle's device, or ``"value"``."""
     data = base64.b64decode(payload, validate=True)
     obj = _Unpickler(io.BytesIO(data)).load()
+    if sources is not None:
+        items = [obj["flattened_tensor"]] if isinstance(obj, dict) else [t for _, t in obj]
+        sources.extend(t.device_uuid if isinstance(t, CpuIpcHandle) else "value" for t in items[:1])
     if load_format == "flattened_bucket":
         flat = obj["flattened_tensor"]
         if isinstance(flat, CpuIpcHandle):
