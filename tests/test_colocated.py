@@ -125,3 +125,181 @@ def test_a_handle_opens_only_on_its_own_node_and_gpu():
         close()
     finally:
         os.environ.pop("GOPD_CPU_NODE_ID")
+
+
+# ---------------------------------------------------------------------------------- trainer memory
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8).clone()
+
+
+def _offload_round_trip(ckpt):
+    """A student after a real optimizer step (bf16, distributed optimizer over DP 2: fp32 main
+    params and Adam moments sharded), a frozen teacher: offload must free every storage they
+    hold, and onload must give back every byte, after which training continues identically."""
+    from megatron_gopd.models import build_role
+    from megatron_gopd.trainer.offload import TrainOffloader, trainer_tensors
+    from megatron_gopd.trainer.update import OptimConfig, build_optimizer
+
+    def setup():
+        student = build_role("student", ckpt, frozen=False, params_dtype=torch.bfloat16)
+        teacher = build_role("teacher", ckpt, frozen=True, params_dtype=torch.bfloat16)
+        opt = build_optimizer(
+            student.model,
+            OptimConfig(lr=1e-2, use_distributed_optimizer=True),
+            train_iters=10,
+            bf16=True,
+        )
+        return student, teacher, opt
+
+    def step(student, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in student.model.parameters():
+            p.main_grad.copy_(torch.randn(p.shape, generator=g) * 1e-2)
+        opt.optimizer.step()
+
+    student, teacher, opt = setup()
+    step(student, opt, 1)  # Adam state exists
+    tensors = list(trainer_tensors(student, opt, [teacher]))
+    before = [_bits(t) for t in tensors]
+    kinds = {
+        "main_grad": sum(1 for p in student.model.parameters() if hasattr(p, "main_grad")),
+        "adam": sum(
+            len(s)
+            for o in getattr(opt.optimizer, "chained_optimizers", [opt.optimizer])
+            for s in o.optimizer.state.values()
+        ),
+    }
+    off = TrainOffloader(student, opt, [teacher])
+    resident = off.resident_bytes()
+    freed = off.offload()
+    after_offload = off.resident_bytes()
+    released = all(t.untyped_storage().nbytes() == 0 for t in tensors if t.dim())
+    off.onload()
+    exact = all(torch.equal(b, _bits(t)) for b, t in zip(before, tensors, strict=True))
+    # a second round trip reuses the host buffers
+    pool_before = sum(len(v) for v in off._pool.values())
+    off.offload()
+    off.onload()
+    pool_after = sum(len(v) for v in off._pool.values())
+    # training goes on as if nothing happened: same step as a run that never offloaded
+    step(student, opt, 2)
+    twin, _, twin_opt = setup()
+    step(twin, twin_opt, 1)
+    step(twin, twin_opt, 2)
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(student.model.parameters(), twin.model.parameters(), strict=True)
+    )
+    return dict(
+        resident=resident,
+        freed=freed,
+        after_offload=after_offload,
+        released=released,
+        exact=exact,
+        kinds=kinds,
+        pool=(pool_before, pool_after),
+        same=same,
+    )
+
+
+def test_trainer_offload_frees_everything_and_onload_is_bit_exact(colocated):
+    d, _ = colocated
+    for out in run_distributed(_offload_round_trip, 2, str(d / "mcore"), parallel=ParallelConfig()):
+        assert out["kinds"]["main_grad"] > 0 and out["kinds"]["adam"] > 0, out["kinds"]
+        assert out["freed"] == out["resident"] > 0 and out["after_offload"] == 0
+        assert out["released"], "a storage kept its memory"
+        assert out["exact"], "onload changed a byte"
+        assert out["pool"][0] == out["pool"][1] > 0
+        assert out["same"], "training after a round trip differs from training without"
+
+
+# ---------------------------------------------------------------------------------- transports
+
+
+BASE = ["--student-load", "s", "--teacher-load", "t", "--prompt-data", "p"]
+
+
+@pytest.mark.parametrize(
+    "extra,transport",
+    [
+        (["--rollout-colocate"], "tensor"),
+        ([], "distributed"),
+        (["--rollout-colocate", "--weight-sync", "disk"], "disk"),
+        (["--weight-sync", "disk"], "disk"),
+    ],
+)
+def test_colocated_servers_take_cuda_ipc_and_the_others_nccl(extra, transport):
+    from megatron_gopd.trainer.config import build_config, parse_args
+
+    cfg = build_config(parse_args([*BASE, *extra]))
+    assert cfg.rollout.weight_sync_transport == transport
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--rollout-colocate", "--weight-sync", "distributed"], "NCCL refuses two ranks"),
+        (["--weight-sync", "tensor"], "add --rollout-colocate"),
+    ],
+)
+def test_an_impossible_transport_is_an_error_before_anything_is_built(extra, message):
+    from megatron_gopd.trainer.config import build_config, parse_args
+    from megatron_gopd.utils import GopdError
+
+    with pytest.raises(GopdError, match=message):
+        build_config(parse_args([*BASE, *extra]))
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+def _colocated_training(args):
+    """gopd-train with spies: during every rollout, how much trainer memory is resident and what
+    the servers hold released."""
+    from megatron_gopd.rollout.protocol import http_json
+    from megatron_gopd.train import train
+    from megatron_gopd.trainer import rollout_side as R
+    from megatron_gopd.trainer.config import build_config, parse_args
+
+    seen = []
+    orig = R.RolloutSide.sample
+
+    def spy(self, prompts, **kw):
+        offloader, auth = getattr(self, "offloader", None), getattr(self, "auth", None)
+        seen.append(
+            {
+                "resident": offloader.resident_bytes() if offloader else None,
+                "released": [
+                    http_json(u + "/server_info", auth=auth)[1]["gopd_memory_released"]
+                    for u in self.servers.urls
+                ],
+                "auth": bool(auth),
+            }
+        )
+        return orig(self, prompts, **kw)
+
+    R.RolloutSide.sample = spy
+    train(build_config(parse_args(args)))
+    return seen
+
+
+def test_colocated_training_gives_the_gpus_back_and_forth(tmp_path):
+    """Two trainer ranks (TP 2) and two CPU servers launched on their "GPUs" 0 and 1, with
+    SGLang's memory saver: the weights go over the per-GPU IPC path, the trainer is offloaded
+    during every rollout while the servers hold everything, and rollouts match the trainer."""
+    from tests.e2e_utils import make_world, read_metrics, train_args
+
+    world = make_world(tmp_path / "world")
+    save = tmp_path / "run"
+    args = train_args(world, save, "--teacher-load", str(world["teacher"]), steps=2)
+    args += ["--rollout-colocate", "--rollout-num-servers", "2", "--eval-interval", "2"]
+    seen = run_distributed(_colocated_training, 2, args, timeout=900)[0]
+    assert len(seen) == 1 + 2 + 1  # eval at step 0, two rollouts, eval at the end
+    for s in seen:
+        assert s["resident"] == 0, "the trainer kept GPU memory during a rollout"
+        assert s["released"] == [[], []], "a server sampled with released memory"
+        assert s["auth"]
+    metrics = {m["step"]: m for m in read_metrics(save)}
+    assert all(metrics[k]["train/rollout_abs_log_ratio"] < 1e-4 for k in (1, 2))

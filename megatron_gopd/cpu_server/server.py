@@ -267,6 +267,7 @@ class CpuServer:
             "version": o.emulate_version,
             "gopd_cpu_server": True,
             "gopd_device_uuids": [self._device_uuid(t) for t in range(o.tp_size)],
+            "gopd_memory_released": sorted(self.memory_released),
             "gopd_last_tensor_update_sources": self.last_tensor_sources,
         }
 

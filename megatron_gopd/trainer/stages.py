@@ -42,7 +42,7 @@ from megatron_gopd.trainer.tracking import (
 )
 from megatron_gopd.trainer.update import build_optimizer, collate, train_step
 from megatron_gopd.types import Sample
-from megatron_gopd.utils import get_logger
+from megatron_gopd.utils import GopdError, get_logger
 
 __all__ = ["GOPDTrainer", "RoleScores", "StepCounts"]
 
@@ -121,6 +121,13 @@ class GOPDTrainer:
         self.opt = build_optimizer(
             self.student.model, cfg.optim, train_iters=cfg.train_iters, bf16=cfg.models.bf16
         )
+        if cfg.rollout.colocate and cfg.rollout.offload_train:
+            from megatron_gopd.trainer.offload import TrainOffloader
+
+            frozen = list(
+                {id(r): r for r in [*self.teachers.values(), *self.refs.values()]}.values()
+            )
+            self.rollout.attach_trainer(TrainOffloader(self.student, self.opt, frozen))
         self.data = PromptIterator(PromptDataset(inputs.prompts), seed=cfg.seed)
         self.eval_prompts = inputs.eval_prompts
         self.start_step = 0
@@ -171,10 +178,16 @@ class GOPDTrainer:
     def generate(
         self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None
     ) -> list[Sample]:
-        """Student responses to ``prompts`` (rank 0 asks the servers; every rank gets them)."""
-        samples = None
-        if parallel.is_rank0():
-            samples = self.rollout.sample(prompts, n=n, seed=seed, temperature=temperature)
+        """Student responses to ``prompts`` (rank 0 asks the servers; every rank gets them).
+        Colocated servers get the GPUs for the duration (``serving``)."""
+        samples, error = None, None
+        with self.rollout.serving(self.student):
+            if parallel.is_rank0():
+                try:
+                    samples = self.rollout.sample(prompts, n=n, seed=seed, temperature=temperature)
+                except GopdError as e:
+                    error = str(e)
+        parallel.raise_rank0_error(error)
         return parallel.broadcast_object(samples)
 
     def rollout_step(self, step: int) -> list[Sample]:
@@ -182,7 +195,6 @@ class GOPDTrainer:
         samples = self.generate(
             prompts, n=self.cfg.rollout.n_samples_per_prompt, seed=self.cfg.seed * 100003 + step
         )
-        self.rollout.release_memory()  # colocated servers give the GPUs back to the trainer
         return self._my_share(samples)
 
     def _response_logprobs(self, role: RoleModel, samples: list[Sample]) -> list[torch.Tensor]:
