@@ -108,9 +108,10 @@ TRAINER = """
 import json, sys, threading, time
 from megatron_gopd.rollout import RolloutServers, ServerLaunchConfig
 servers = RolloutServers(ServerLaunchConfig(backend="cpu", model_path=sys.argv[1])).start()
-# the rollout client restarts a dead server from a worker thread (failover): do the same
-t = threading.Thread(target=servers.replace, args=(servers.urls[0],))
-t.start(); t.join()
+if sys.argv[3] == "failover":
+    # the rollout client restarts a dead server from a worker thread (failover): do the same
+    t = threading.Thread(target=servers.replace, args=(servers.urls[0],))
+    t.start(); t.join()
 with open(sys.argv[2], "w") as f:
     json.dump([p.popen.pid for p in servers._procs], f)
 time.sleep(600)
@@ -129,14 +130,20 @@ def _group_pids(pgid: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_servers_die_with_their_trainer_however_it_ends(hf, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig,how",
+    [(signal.SIGKILL, "failover"), (signal.SIGTERM, "plain")],
+    ids=["SIGKILL-after-failover", "SIGTERM"],
+)
+def test_servers_die_with_their_trainer_however_it_ends(hf, tmp_path, sig, how):
     """A trainer killed outright (or SIGTERM without --exit-signal-handler) runs no clean-up:
-    its servers, the one started by failover included, must still go."""
+    its servers, one started by failover from a worker thread included, must still go."""
     script, pids_file = tmp_path / "trainer.py", tmp_path / "pids.json"
     script.write_text(TRAINER)
     trainer = subprocess.Popen(
-        [sys.executable, str(script), str(hf), str(pids_file)], env=_env(), start_new_session=True
+        [sys.executable, str(script), str(hf), str(pids_file), how],
+        env=_env(),
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     while not pids_file.exists():
@@ -170,10 +177,16 @@ def _cmdlines(pgid: int) -> str:
 
 
 def test_launched_servers_take_their_keys_from_a_private_file(hf, tmp_path, caplog):
+    from megatron_gopd.utils import GopdError
+
     auth = ServerAuth("key-9d2a", "admin-4e11")
     cfg = ServerLaunchConfig(backend="cpu", model_path=str(hf), auth=auth, log_dir=str(tmp_path))
     with caplog.at_level("INFO"), RolloutServers(cfg) as servers:
         url = servers.urls[0]
+        # attached without the key: /health needs none, the rest says what to set
+        attached = RolloutServers(ServerLaunchConfig(backend="attach", urls=(url,))).start()
+        with pytest.raises(GopdError, match="GOPD_ROLLOUT_API_KEY"):
+            attached.tp_size(url)
         client = RolloutClient(servers.urls, ClientConfig(progress=False), auth=auth)
         prompt = [RolloutPrompt([1, 2, 3])]
         assert len(client.sample(prompt, 2, SamplingConfig(max_new_tokens=2))) == 2
@@ -194,18 +207,6 @@ def test_launched_servers_take_their_keys_from_a_private_file(hf, tmp_path, capl
     assert "key-9d2a" not in caplog.text and "admin-4e11" not in caplog.text
     logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
     assert "key-9d2a" not in logs and "admin-4e11" not in logs
-
-
-def test_attaching_to_keyed_servers_without_the_key_says_what_to_set(hf, tmp_path):
-    from megatron_gopd.utils import GopdError
-
-    auth = ServerAuth("key-1")
-    cfg = ServerLaunchConfig(backend="cpu", model_path=str(hf), auth=auth, log_dir=str(tmp_path))
-    with RolloutServers(cfg) as servers:
-        attached = RolloutServers(ServerLaunchConfig(backend="attach", urls=tuple(servers.urls)))
-        attached.start()  # /health needs no key
-        with pytest.raises(GopdError, match="GOPD_ROLLOUT_API_KEY"):
-            attached.tp_size(servers.urls[0])
 
 
 def test_server_auth_from_the_environment_and_its_repr():
@@ -233,13 +234,26 @@ def test_seeds_count_only_with_deterministic_inference(hf, tmp_path):
     and the launcher passes that flag only when asked: the stand-in does the same."""
     prompts = [RolloutPrompt([1, 2, 3, 4], prompt_index=i) for i in range(3)]
     cfg = SamplingConfig(max_new_tokens=8, seed=3)
+    from concurrent.futures import ThreadPoolExecutor
+
     runs = {}
-    for det in (False, True):
-        launch = ServerLaunchConfig(backend="cpu", model_path=str(hf), deterministic=det)
-        assert ("--enable-deterministic-inference" in RolloutServers(launch).command(0, 1)) == det
-        with RolloutServers(launch) as servers:
+    pools = {
+        det: RolloutServers(
+            ServerLaunchConfig(backend="cpu", model_path=str(hf), deterministic=det)
+        )
+        for det in (False, True)
+    }
+    try:
+        with ThreadPoolExecutor(2) as ex:  # both start at once
+            list(ex.map(lambda p: p.start(), pools.values()))
+        for det, servers in pools.items():
+            flag = "--enable-deterministic-inference" in servers.command(0, 1)
+            assert flag == det
             client = RolloutClient(servers.urls, ClientConfig(progress=False))
             runs[det] = [[s.response_ids for s in client.sample(prompts, 2, cfg)] for _ in range(2)]
+    finally:
+        for p in pools.values():
+            p.stop()
     assert runs[True][0] == runs[True][1]
     assert runs[False][0] != runs[False][1]
     # the per-sample seeds keep the n samples of a prompt apart

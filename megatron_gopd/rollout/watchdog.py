@@ -36,17 +36,21 @@ GRACE_S = 10.0
 
 
 def _group_members(pgid: int) -> list[int]:
-    """Pids of the process group ``pgid``, this process excluded."""
+    """Live pids of the process group ``pgid``, this process and zombies excluded."""
     out = []
     me = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
-            if os.getpgid(int(entry)) == pgid:
-                out.append(int(entry))
-        except (ProcessLookupError, PermissionError):
+            if os.getpgid(int(entry)) != pgid:
+                continue
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
+        if state != "Z":
+            out.append(int(entry))
     return out
 
 
@@ -58,11 +62,12 @@ def _signal_group(pgid: int, sig: int) -> list[int]:
     return pids
 
 
-def _stop_group(pgid: int, grace_s: float) -> None:
+def _stop_group(pgid: int, grace_s: float, child: subprocess.Popen) -> None:
     """SIGTERM to the group (but this process), SIGKILL to what outlives ``grace_s``."""
     _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
+        child.poll()  # reap it: a zombie child would look alive
         if not _group_members(pgid):
             return
         time.sleep(POLL_S)
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         code = child.poll()
         if code is not None:
             # the server is done; anything it left in the group goes with it
-            _stop_group(pgid, grace_s=2.0)
+            _stop_group(pgid, 2.0, child)
             return code if code >= 0 else 128 - code
         if os.getppid() != parent:
             print(
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            _stop_group(pgid, GRACE_S)
+            _stop_group(pgid, GRACE_S, child)
             child.wait()
             return 1
         time.sleep(POLL_S)
