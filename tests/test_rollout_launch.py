@@ -290,3 +290,51 @@ def test_the_trainer_asks_for_deterministic_inference_only_when_told(monkeypatch
         assert (
             "--enable-deterministic-inference" in RolloutServers(launched[-1]).command(0, 1)
         ) is want
+
+
+def test_nothing_a_trainer_started_outlives_its_sigkill(tmp_path):
+    """gopd-train killed with SIGKILL once it has saved a checkpoint: its rollout server (and
+    watchdog) and dist_checkpointing's writer-queue Manager process must all go with it."""
+    import psutil
+
+    from tests.e2e_utils import make_world, train_args
+
+    world = make_world(tmp_path / "world")
+    save = tmp_path / "run"
+    args = train_args(world, save, "--teacher-load", str(world["teacher"]), steps=50)
+    args += ["--save-interval", "1", "--tensor-model-parallel-size", "1"]
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "megatron_gopd.train", *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (save / "latest").exists():
+        assert trainer.poll() is None, trainer.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    children = psutil.Process(trainer.pid).children(recursive=True)
+    names = [" ".join(c.cmdline()) for c in children]
+    assert any("megatron_gopd.cpu_server" in n for n in names), names
+    assert any("megatron_gopd.train" in n for n in names), names  # the forked Manager
+    trainer.kill()
+    trainer.wait()
+
+    def alive():
+        out = []
+        for c in children:
+            with contextlib.suppress(psutil.Error):
+                if c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c)
+        return out
+
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = alive()
+    for c in left:
+        with contextlib.suppress(psutil.Error):
+            c.kill()
+    assert not left, [" ".join(c.cmdline())[:120] for c in left]

@@ -904,7 +904,7 @@ def _with_config_file(argv: list[str]) -> list[str]:
         if isinstance(v, bool):
             extra += [flag] if v else []
         else:
-            extra += [flag, str(v)]
+            extra.append(f"{flag}={v}")  # a value may start with "-"
     return extra + argv[:i] + argv[i + 2 :]
 
 

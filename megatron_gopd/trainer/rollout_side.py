@@ -218,8 +218,9 @@ class RolloutSide:
             else:
                 import secrets
 
-                # servers we start take a key nobody else knows (unless the user set one)
-                self.auth = ServerAuth.from_env() or ServerAuth(secrets.token_urlsafe(24))
+                # servers we start take a key nobody else knows (unless the user set one); hex:
+                # SGLang's --config turns it into "--api-key KEY", where a leading "-" would not parse
+                self.auth = ServerAuth.from_env() or ServerAuth(secrets.token_hex(24))
                 tp = [r.sglang_tp_size] * r.num_servers
             self._check_layout(tp)
 
@@ -234,6 +235,15 @@ class RolloutSide:
 
         if self.cfg.rollout.weight_sync_transport != "tensor":
             return
+        from megatron_gopd import platform
+        from megatron_gopd.sync.wire import sglang_serializer
+
+        if platform.cuda_available() and sglang_serializer() is None:
+            raise GopdError(
+                "--weight-sync tensor needs the sglang package in the trainer's environment: its "
+                "serializer puts the GPU's UUID into CUDA IPC handles, which SGLang needs to open "
+                "them on the right device (pip install -e '.[gpu]')"
+            )
         world = parallel.world_size()
         if self.cfg.rollout.engine == "external":
             if sum(tp) != world:
