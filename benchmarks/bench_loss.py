@@ -234,7 +234,11 @@ def _distributed(fn, tp: int, *args):
     from megatron_gopd.parallel import ParallelConfig
     from megatron_gopd.testing import run_distributed
 
-    return run_distributed(fn, tp, *args, parallel=ParallelConfig(tp), timeout=1800)
+    # CUDA: spawned ranks (a forked one cannot use the CUDA runtime this process initialised)
+    start = "spawn" if torch.cuda.is_available() else "fork"
+    return run_distributed(
+        fn, tp, *args, parallel=ParallelConfig(tp), timeout=1800, start_method=start
+    )
 
 
 def bench_shape(tokens, vocab, tp, dtype, repeats, names) -> dict:

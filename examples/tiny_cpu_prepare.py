@@ -16,6 +16,8 @@ SEQUENCE_LENGTHS = (5, 17, 33)
 
 
 def prepare(out_dir: str) -> None:
+    """Everything in this process: every conversion here, none in a forked rank (a fork of a
+    process that has run a gloo group hangs)."""
     import torch
 
     from megatron_gopd.convert.checkpoint import convert_hf_to_megatron
@@ -30,7 +32,7 @@ def prepare(out_dir: str) -> None:
         for n in SEQUENCE_LENGTHS:
             ids = torch.randint(0, TINY_DIMS["vocab_size"], (n,), generator=g).tolist()
             f.write(json.dumps({"input_ids": ids, "prompt_len": 2}) + "\n")
-    make_tiny_distillation_world(out)
+    make_tiny_distillation_world(out, fork=False)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ from megatron_gopd.utils import GopdError
 
 __all__ = [
     "ParallelConfig",
+    "all_gather_object",
     "barrier",
     "broadcast_object",
     "destroy",
     "init_distributed",
     "initialize",
     "is_rank0",
+    "raise_any_rank_error",
     "raise_rank0_error",
     "rank",
     "world_size",
@@ -185,3 +187,21 @@ def raise_rank0_error(error: str | None) -> None:
     error = broadcast_object(error)
     if error is not None:
         raise GopdError(error)
+
+
+def all_gather_object(obj: Any, group=None) -> list[Any]:
+    """``obj`` of every rank of ``group``, in rank order (pickled; small objects only)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def raise_any_rank_error(error: str | None) -> None:
+    """Collective: if any rank has an error, every rank raises the lowest rank's (a
+    :class:`GopdError`), so that a problem one rank found (a file it read, a write that failed)
+    stops all of them together instead of leaving the others in the next collective."""
+    errors = [e for e in all_gather_object(error) if e is not None]
+    if errors:
+        raise GopdError(errors[0])

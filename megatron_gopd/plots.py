@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-from megatron_gopd.utils import GopdError, cli_errors
+from megatron_gopd.utils import GopdError, check_writable, cli_errors
 
 __all__ = ["load_metrics", "plot_curves", "plot_lambda_sweep", "pyplot", "save_figure"]
 
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", type=Path, required=True, help="directory for the PNG files")
     a = p.parse_args(argv)
+    check_writable(a.out, "--out", directory=True)
     runs: dict[str, list[dict]] = {}
     lambdas: dict[float, list[dict]] = {}
     for item in a.run:

@@ -2,9 +2,11 @@
 
 ``score_sequences`` runs a role's model through megatron-core's pipeline schedule (``forward_only``)
 in micro-batches of right-padded sequences. On the last pipeline stage the model stops at the final
-hidden states; the output layer is then applied to chunks of tokens and each chunk is reduced to
-log-probs by :func:`~megatron_gopd.vocab_parallel.vocab_parallel_logprobs` at once, so the largest
-logits tensor alive is ``[chunk, V / TP]``: peak memory does not grow with tokens x vocabulary.
+hidden states; the output layer is then applied in fp32 to chunks of tokens and each chunk is
+reduced to log-probs by :func:`~megatron_gopd.vocab_parallel.vocab_parallel_logprobs` at once
+(:mod:`megatron_gopd.vocab_parallel.output_layer`), so the largest logits tensor alive is
+``[chunk, V / TP]``: peak memory does not grow with tokens x vocabulary, and a bf16 model's
+log-probs are those of its fp32 logits. ``temperature`` scores ``softmax(logits / T)``.
 
 The CLI (``gopd-score`` / ``python -m megatron_gopd.scoring``) runs under torchrun::
 
@@ -19,8 +21,8 @@ Input lines: ``{"input_ids": [...], "prompt_len": k}`` (or ``{"text": ...}`` /
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,31 +31,27 @@ import torch
 import torch.distributed as dist
 
 from megatron_gopd.flags import FlagFormatter, add_flags, config_from_args
-from megatron_gopd.models.build import unwrap_model
+from megatron_gopd.models.build import final_hidden_states, output_rows, output_weight
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.utils import (
     GopdError,
+    check_writable,
     cli_errors,
     get_logger,
     json_object_line,
     quiet_expected_warnings,
+    read_text_file,
 )
-from megatron_gopd.vocab_parallel import DEFAULT_CHUNK_ELEMENTS, vocab_parallel_logprobs
+from megatron_gopd.vocab_parallel import DEFAULT_CHUNK_ELEMENTS
+from megatron_gopd.vocab_parallel.output_layer import (
+    OutputLayer,
+    default_chunk_rows,
+    output_layer_logprobs,
+)
 
 __all__ = ["main", "score_sequences"]
 
 log = get_logger(__name__)
-
-
-@contextlib.contextmanager
-def _final_hidden_states(model):
-    """Make the GPTModel return its final (normed) hidden states instead of logits."""
-    saved = model.post_process
-    model.post_process = False
-    try:
-        yield
-    finally:
-        model.post_process = saved
 
 
 def hidden_to_logprobs(
@@ -62,50 +60,33 @@ def hidden_to_logprobs(
     labels: torch.Tensor,
     *,
     vocab_size: int,
+    temperature: float = 1.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """``[S, B, H]`` final hidden states (``[S / TP, B, H]`` under sequence parallelism) ->
-    ``[B, S]`` log-probs of ``labels`` (``[B, S]``).
+    ``[B, S]`` log-probs of ``labels`` (``[B, S]``) under ``softmax(logits / temperature)``.
 
-    The output layer runs on chunks of tokens; only one chunk's logits exist at a time.
+    The logits are fp32 (also in a bf16 model) and exist one chunk of tokens at a time
+    (:mod:`megatron_gopd.vocab_parallel.output_layer`).
     """
     from megatron.core import parallel_state as ps
 
-    gpt = unwrap_model(model)
-    weight = (
-        gpt.shared_embedding_or_output_weight()
-        if gpt.share_embeddings_and_output_weights
-        else gpt.output_layer.weight
-    )
-    if gpt.config.sequence_parallel:
-        # [S/TP, B, H] per rank -> [S, B, H]; the output layer's own gather would mix the chunks'
-        # rows across ranks, so the chunks below multiply by this rank's vocabulary slice directly
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-    h = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [B*S, H], row = (b, s)
-    flat_labels = labels.reshape(-1)
-    v_local = gpt.output_layer.output_size_per_partition
-    rows = max(1, chunk_elements // v_local)
     group = (
         ps.get_tensor_model_parallel_group()
         if ps.get_tensor_model_parallel_world_size() > 1
         else None
     )
-    out = torch.empty(flat_labels.shape, dtype=torch.float32, device=hidden.device)
-    for a in range(0, h.shape[0], rows):
-        b = min(h.shape[0], a + rows)
-        logits = torch.nn.functional.linear(h[a:b], weight)  # [rows, V / TP], no bias
-        lp, _ = vocab_parallel_logprobs(
-            logits,
-            flat_labels[a:b],
-            group,
-            vocab_size=vocab_size,
-            chunk_elements=chunk_elements,
-        )
-        out[a:b] = lp
-        del logits
-    return out.view(labels.shape)
+    weight = output_weight(model)
+    layer = OutputLayer(
+        output_rows(model, hidden, grad=False), weight, vocab_size, temperature=temperature
+    )
+    lp, _ = output_layer_logprobs(
+        layer,
+        labels.reshape(-1),
+        group,
+        chunk_rows=default_chunk_rows(weight.shape[0], chunk_elements),
+    )
+    return lp.view(labels.shape)
 
 
 def _pad_batch(seqs: Sequence[Sequence[int]], length: int, device) -> torch.Tensor:
@@ -125,8 +106,11 @@ def score_sequences(
     broadcast: bool = True,
     pad_to_multiple: int = 8,
     progress: bool = False,
+    temperature: float = 1.0,
 ) -> list[torch.Tensor] | None:
-    """Log-probs of every token after the first, for each sequence, under ``role``'s model.
+    """Log-probs of every token after the first, for each sequence, under ``role``'s model at
+    ``temperature`` (``log softmax(logits / T)``, fp32 logits: what a rollout engine sampling at
+    ``T`` reports for the tokens it samples).
 
     Every rank of the model-parallel group passes the same ``sequences``. Returns, for sequence
     ``i`` of length ``L``, a float32 CPU tensor of ``L - 1`` values: ``[log p(x_1 | x_0), ...,
@@ -177,12 +161,17 @@ def score_sequences(
         tokens, n_real = next(data_iterator)
         position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens)
         labels = torch.roll(tokens, shifts=-1, dims=1)
-        with _final_hidden_states(unwrap_model(model)):
+        with final_hidden_states(model):
             hidden = model(tokens, position_ids, None)
 
         def loss_func(hidden):
             lp = hidden_to_logprobs(
-                model, hidden, labels, vocab_size=arch.vocab_size, chunk_elements=chunk_elements
+                model,
+                hidden,
+                labels,
+                vocab_size=arch.vocab_size,
+                temperature=temperature,
+                chunk_elements=chunk_elements,
             )
             if bar is not None:
                 bar.update(n_real)
@@ -227,10 +216,7 @@ def _read_inputs(
 ) -> tuple[list[dict], list[list[int]], list[int]]:
     tok = None
     records, seqs, prompt_lens = [], [], []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise GopdError(f"cannot read {path}: {e.strerror}") from None
+    lines = read_text_file(path, "input").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -286,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, ParallelConfig)  # the trainer's layout flags, from the same config
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass")
     p.add_argument("--bf16", action="store_true", help="run the model in bf16 (default: fp32)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="score log softmax(logits / T): the log-probs a sampler at temperature T reports",
+    )
     p.add_argument("--seed", type=int, default=1234, help="random seed")
     p.add_argument(
         "--transformer-impl",
@@ -300,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_expected_warnings()
     args = build_parser().parse_args(argv)  # --help before the ~9 s megatron import
+    check_writable(args.output, "--output", directory=False)  # before the work, not after it
 
     from megatron.core import parallel_state as ps
 
@@ -312,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = args.tokenizer or (
         str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     )
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise GopdError(f"--temperature must be a finite number > 0, got {args.temperature}")
     records, seqs, prompt_lens = _read_inputs(args.input, tokenizer)
     parallel.initialize(config_from_args(ParallelConfig, args), seed=args.seed)
     try:
@@ -326,7 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = list(range(dp_rank, len(seqs), dp))
         lps = score_sequences(
-            role, [seqs[i] for i in mine], micro_batch_size=args.micro_batch_size, progress=True
+            role,
+            [seqs[i] for i in mine],
+            micro_batch_size=args.micro_batch_size,
+            progress=True,
+            temperature=args.temperature,
         )
         gathered = [None] * dp if dp_rank == 0 else None
         if dp > 1:

@@ -254,22 +254,31 @@ def _convert(hf_dir, out_dir):
     convert_hf_to_megatron(hf_dir, out_dir)
 
 
-def _convert_here_or_in_a_fork(hf_dir, out_dir) -> None:
-    """Conversion sets up a process group of one; never leave one behind in a process that
-    forks ranks later (pytest), so convert in a forked rank unless one is already running here."""
+def _convert_here_or_in_a_fork(hf_dir, out_dir, fork: bool = True) -> None:
+    """Conversion sets up a process group of one (gloo). A process that forks ranks later
+    (pytest) must never have had one: a fork of a process that ran gloo hangs in its next
+    ``new_group``. So a test process converts in a forked rank, unless a rank is already running
+    here; a script that forks nothing (``fork=False``) converts in its own process."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if dist.is_initialized() or not fork:
         _convert(str(hf_dir), str(out_dir))
     else:
         run_distributed(_convert, 1, str(hf_dir), str(out_dir))
 
 
-def make_tiny_distillation_world(root) -> dict:
+def make_tiny_distillation_world(
+    root,
+    models: tuple[str, ...] = ("student", "teacher", "teacher2", "teacher_base"),
+    *,
+    fork: bool = True,
+) -> dict:
     """Tokenizer + student (2 layers) + teacher and its "pre-RL base" (4 layers, wider) + data.
 
     Random models: what the tests check (the reverse KL to the teacher falls, log-probs agree,
-    routing, resumption) does not need trained ones."""
+    routing, resumption) does not need trained ones. ``models``: the ones to make (each
+    conversion costs a few seconds). ``fork``: convert in forked ranks (from a test process) or
+    in this process (from a script; see :func:`_convert_here_or_in_a_fork`)."""
     from pathlib import Path
 
     root = Path(root)
@@ -292,10 +301,12 @@ def make_tiny_distillation_world(root) -> dict:
         ("teacher2", big, 3),
         ("teacher_base", big, 4),
     ):
+        if name not in models:
+            continue
         hf = root / "hf" / name
         make_tiny_hf_model(hf, "qwen3", seed=seed, tied=True, **dims)
         tok.save_pretrained(str(hf))
-        _convert_here_or_in_a_fork(hf, root / name)
+        _convert_here_or_in_a_fork(hf, root / name, fork=fork)
         paths[name] = root / name
     import json
     import random

@@ -13,12 +13,14 @@ from pathlib import Path
 
 __all__ = [
     "GopdError",
+    "check_writable",
     "cli_errors",
     "exit_with_parent",
     "free_port",
     "get_logger",
     "json_object_line",
     "parent_bound_manager",
+    "read_text_file",
 ]
 
 
@@ -62,6 +64,47 @@ def parent_bound_manager(method: str):
     manager = SyncManager(ctx=mp.get_context(method))
     manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
     return manager
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of ``path``, or one :class:`GopdError` naming ``what`` and the file (it is
+    missing or unreadable, or it is not text: a binary file where text belongs)."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GopdError(
+            f"{what} {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start}): a binary "
+            f"file?"
+        ) from None
+    except OSError as e:
+        raise GopdError(f"cannot read {what} {p}: {e.strerror or e}") from None
+
+
+def check_writable(path: str | Path, flag: str, *, directory: bool) -> None:
+    """Raise one :class:`GopdError` unless the output ``path`` (a directory, or a file) can be
+    created and written, so that a tool fails before its work rather than after it.
+
+    A temporary file is created and removed in ``path`` (a directory that exists) or in its
+    nearest existing ancestor; nothing else is created. Trying beats ``os.access``, which answers
+    yes to root on a read-only file system."""
+    import tempfile
+
+    p = Path(path).absolute()
+    if p.exists() and p.is_dir() != directory:
+        kind = "a directory" if p.is_dir() else "a file"
+        raise GopdError(f"{flag} {path} cannot be written: it is {kind}")
+    target = p if p.is_dir() else p.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    try:
+        if not target.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(target))
+        fd, probe = tempfile.mkstemp(prefix=".gopd-write-check-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise GopdError(f"{flag} {path} cannot be written: {e.strerror or e} ({target})") from None
 
 
 def free_port() -> int:

@@ -375,7 +375,9 @@ rollout_server_command() {
         --host 0.0.0.0 --port "$port"
         # explicit: SGLang otherwise picks port+random for NCCL, racing its neighbours on the node
         --nccl-port $((port + 1))
-        --tp-size "$ROLLOUT_GPUS_PER_SERVER" --base-gpu-id $((j * ROLLOUT_GPUS_PER_SERVER)))
+        --tp-size "$ROLLOUT_GPUS_PER_SERVER" --base-gpu-id $((j * ROLLOUT_GPUS_PER_SERVER))
+        # fp32 logits, as the trainer computes its log-probs (a bf16 LM head rounds them)
+        --enable-fp32-lm-head)
     if [[ $ROLLOUT_MODE == colocated ]]; then
         # lets the trainer free the servers' weights and KV cache during training
         # (/release_memory_occupation) and take them back for rollouts (/resume_memory_occupation)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
+import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -199,3 +203,100 @@ def test_isolation_modes():
         Sandbox(LIMITS, isolation="paranoid")
     with pytest.raises(GopdError, match="at least 64 MiB"):
         SandboxLimits(memory_bytes=1 << 20)
+
+
+@pytest.fixture
+def host_unix_socket():
+    """A world-writable pathname Unix socket on the host, in a world-writable directory under
+    /tmp (what a careless service, or another job on the node, leaves reachable)."""
+    d = tempfile.mkdtemp(prefix="gopd-host-sock-", dir="/tmp")
+    os.chmod(d, 0o777)
+    path = os.path.join(d, "service.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    os.chmod(path, 0o777)
+    srv.listen(8)
+    dgram_path = os.path.join(d, "dgram.sock")
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dgram.bind(dgram_path)
+    os.chmod(dgram_path, 0o777)
+    received: list[bytes] = []
+
+    def serve():
+        srv.settimeout(0.2)
+        dgram.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = srv.accept()
+                conn.settimeout(2)
+                received.append(conn.recv(100) or b"<connected>")
+                conn.close()
+            with contextlib.suppress(OSError):
+                received.append(dgram.recv(100))
+
+    stop = threading.Event()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield path, dgram_path, received
+    stop.set()
+    t.join()
+    srv.close()
+    dgram.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_host_unix_sockets_unreachable(sandbox, host_unix_socket):
+    """Pathname Unix sockets live in the file system, not the network namespace, and landlock
+    does not govern connect(): a program reached a 0777 socket under /tmp. Every way to a
+    pathname socket is closed: stream connect, datagram sendto, the same through raw syscalls
+    (ctypes), and a datagram socketpair re-pointed at the socket. Ordinary programs keep what
+    they use (a stream socketpair, as asyncio's event loop does)."""
+    path, dgram_path, received = host_unix_socket
+    probes = {
+        "stream": f"""
+            import socket
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect({path!r})
+            s.sendall(b'stolen-stream')
+            """,
+        "datagram": f"""
+            import socket
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'stolen-dgram', {dgram_path!r})
+            """,
+        "raw syscalls": f"""
+            import ctypes, os
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.socket(1, 1, 0)  # AF_UNIX, SOCK_STREAM
+            if fd < 0:
+                raise PermissionError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            path = {path!r}.encode()
+            addr = ctypes.create_string_buffer(b'\\x01\\x00' + path + b'\\x00', 110)
+            if libc.connect(fd, addr, 110) < 0:
+                raise PermissionError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            os.write(fd, b'stolen-raw')
+            """,
+        "socketpair": f"""
+            import socket
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            a.sendto(b'stolen-pair', {dgram_path!r})
+            """,
+    }
+    for name, code in probes.items():
+        res = run(sandbox, code)
+        assert res.status == "error" and "PermissionError" in res.message, (name, res)
+    time.sleep(0.5)
+    assert received == [], f"bytes reached the host's socket: {received}"
+    res = run(
+        sandbox,
+        """
+        import asyncio, socket
+        a, b = socket.socketpair()
+        a.sendall(b'ok')
+        assert b.recv(2) == b'ok'
+        async def main():
+            await asyncio.sleep(0)
+            return 42
+        assert asyncio.run(main()) == 42
+        """,
+    )
+    assert res.passed, res

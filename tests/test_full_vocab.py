@@ -177,3 +177,82 @@ def test_monte_carlo_sampled_estimator_agrees_with_full_vocab():
     A = (lp - L * lq + (L - 1) * lr).gather(1, y)  # [T, N]
     J = (lp.exp() * (lp - L * lq + (L - 1) * lr)).sum(-1)
     assert torch.all((A.mean(1) - J).abs() <= 5 * A.std(1) / N**0.5)
+
+
+# ------------------------------------------------- frozen roles with a larger real vocabulary
+
+# the teacher's and reference's real rows (15) exceed the student's (12), same padding (16): at
+# TP 4 the last rank holds real teacher columns and no student one
+V_STUDENT, V_FROZEN = 12, 15
+
+
+def naive_objective_wider_frozen(z, t, u, lam, top_k=None):
+    """float64 J where the teacher and the reference normalise over their own V_FROZEN rows; the
+    student's cells are its top-k tokens (all of its tokens for the full vocabulary) and one rest
+    cell, which for q and r also holds their mass on the tokens the student does not have."""
+    lp = F.log_softmax(z[:, :V_STUDENT].double(), -1)
+    lq_all, lr_all = (F.log_softmax(x[:, :V_FROZEN].double(), -1) for x in (t, u))
+    lq, lr = lq_all[:, :V_STUDENT], lr_all[:, :V_STUDENT]
+    L = lam.double()[:, None]
+    if top_k is None:
+        return (lp.exp() * (lp - L * lq + (L - 1) * lr)).sum(-1)
+    kth = z[:, :V_STUDENT].double().topk(top_k, -1).values[:, -1:]
+    in_k = z[:, :V_STUDENT].double() >= kth
+
+    def cells(logprob):
+        pr = logprob.exp()
+        return torch.cat([torch.where(in_k, pr, 0.0), 1 - (pr * in_k).sum(-1, keepdim=True)], -1)
+
+    P, Q, R = cells(lp), cells(lq), cells(lr)
+    terms = P * (P.log() - L * Q.log() + (L - 1) * R.log())
+    return torch.where(P > 0, terms, 0.0).sum(-1)
+
+
+def _sharded_wider(top_k):
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    z, t, u, target, g_out = _data()
+    z, t, u = (x.chunk(world, -1)[rank].clone() for x in (z, t, u))
+    x = z.requires_grad_(True)
+    out = vocab_parallel_gopd_objective(
+        x * 1,
+        t,
+        target % V_STUDENT,
+        LAM,
+        dist.group.WORLD,
+        ref_logits=u,
+        vocab_size=V_STUDENT,
+        frozen_vocab_size=V_FROZEN,
+        top_k=top_k,
+        chunk_elements=20,
+    )
+    (out.objective * g_out).sum().backward()
+    return out.objective.detach(), out.kl_teacher, x.grad
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_teacher_and_reference_normalise_over_their_own_vocabulary(tp, top_k):
+    """Equal paddings, different real vocabulary sizes (issue 15, item 6): the teacher's and the
+    reference's softmaxes cover their own rows; values and gradients as the float64 objective
+    written from the cells."""
+    z, t, u, _, g_out = _data()
+    zz = z.double().requires_grad_(True)
+    J = naive_objective_wider_frozen(zz, t, u, LAM, top_k)
+    (J * g_out.double()).sum().backward()
+    outs = run_distributed(_sharded_wider, tp, top_k)
+    for obj, _, _ in outs:
+        torch.testing.assert_close(obj.double(), J.detach(), rtol=1e-6, atol=1e-6)
+    grad = torch.cat([g for _, _, g in outs], -1)
+    torch.testing.assert_close(
+        grad[:, :V_STUDENT].double(), zz.grad[:, :V_STUDENT], rtol=1e-6, atol=1e-6
+    )
+    assert torch.all(grad[:, V_STUDENT:] == 0)
+    # the control: normalising the teacher over the student's rows gives another objective
+    lp = F.log_softmax(z[:, :V_STUDENT].double(), -1)
+    kl_own = (lp.exp() * (lp - F.log_softmax(t[:, :V_FROZEN].double(), -1)[:, :V_STUDENT])).sum(-1)
+    kl_student_rows = (lp.exp() * (lp - F.log_softmax(t[:, :V_STUDENT].double(), -1))).sum(-1)
+    assert (kl_own - kl_student_rows).abs().max() > 1e-2
+    if top_k is None:
+        torch.testing.assert_close(outs[0][1].double(), kl_own, rtol=1e-6, atol=1e-6)

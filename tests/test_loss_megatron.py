@@ -15,6 +15,9 @@ A negative control shows the check bites: a loss that returns per-micro-batch me
 mistake) fails it.
 """
 
+import dataclasses
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,7 +241,7 @@ def test_negative_control_per_microbatch_mean_is_caught():
 # ---------------------------------------------------------------------------------- sequence parallelism
 
 
-def _train_tp2(sequence_parallel, untag_norms=False):
+def _train_tp2(sequence_parallel, untag_norms=False, trainer_path=False):
     """One forward-backward of the whole batch (2 micro-batches) at TP 2; returns the loss and
     this rank's main_grads. ``untag_norms``: the mistake of a norm whose weight is not marked
     ``sequence_parallel`` (its gradient then covers only this rank's slice of the sequence)."""
@@ -274,7 +277,23 @@ def _train_tp2(sequence_parallel, untag_norms=False):
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        return model(mb.tokens_BS, pos, None), partial(
+        if trainer_path:  # train_step's: final hidden states, the fp32 output layer in the loss
+            from megatron_gopd.models.build import final_hidden_states
+            from megatron_gopd.trainer.update import student_loss
+
+            with final_hidden_states(model):
+                hidden = model(mb.tokens_BS, pos, None)
+            return hidden, partial(
+                student_loss,
+                model=model,
+                mb=mb,
+                cfg=GOPDLossConfig(),
+                tp_group=ps.get_tensor_model_parallel_group(),
+                vocab_size=V_REAL,
+                temperature=TEMP,
+            )
+        logits = model(mb.tokens_BS, pos, None)
+        return logits / TEMP if trainer_path is None else logits, partial(
             gopd_loss,
             mb=mb,
             cfg=GOPDLossConfig(),
@@ -309,3 +328,161 @@ def test_sequence_parallel_training_matches_tensor_parallel():
         assert rel < 2e-6, f"sequence parallelism changes the gradients by {rel}"
     wrong = run_distributed(_train_tp2, 2, True, True, parallel=ParallelConfig(2, 1, True))
     assert _max_rel_diff(wrong[0]["grads"], plain[0]["grads"]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------- the trainer's path
+
+TEMP, TEMP_TEACHER, TEMP_REF, H_FROZEN = 0.7, 0.8, 1.3, 16
+
+
+def frozen_layers():
+    """A teacher's and a reference's final hidden states ``[B, S, H]`` and output weights."""
+    g = torch.Generator().manual_seed(21)
+    th, rh = (torch.randn(B, SEQ, H_FROZEN, generator=g) for _ in range(2))
+    tw, rw = (torch.randn(ARCH.padded_vocab_size, H_FROZEN, generator=g) * 0.6 for _ in range(2))
+    return th, tw, rh, rw
+
+
+def _train_trainer_path(nmb):
+    """train_step's forward step (the model stops at its final hidden states; ``student_loss``
+    applies the fp32 output layer chunk by chunk at temperature TEMP) on this rank's share of the
+    global batch; the frozen roles as FrozenLogits at their own temperatures. Returns the loss and
+    this rank's main_grads per case."""
+    from functools import partial
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gopd.models import build_gpt
+    from megatron_gopd.models.build import final_hidden_states
+    from megatron_gopd.trainer.update import student_loss
+    from megatron_gopd.vocab_parallel.output_layer import FrozenLogits, OutputLayer
+
+    model = build_gpt(ARCH, seed=SEED, spec="local")
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, bucket_size=None),
+        module=model,
+    )
+    model.config.finalize_model_grads_func = finalize_model_grads
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gmb, _, _ = global_batch()
+    th, tw, rh, rw = frozen_layers()
+    rows = B // dp
+    mbs = rows // nmb
+    pos = torch.arange(SEQ).unsqueeze(0).expand(mbs, SEQ)
+
+    def frozen(h, w, a, temperature):
+        layer = OutputLayer(h[a : a + mbs].reshape(-1, H_FROZEN), w, V_REAL, temperature)
+        return FrozenLogits.single(layer)
+
+    out = {}
+    for name, cfg in CASES.items():
+        starts = [dp_rank * rows + i * mbs for i in range(nmb)]
+
+        def forward_step(data_iterator, model, cfg=cfg):
+            a = next(data_iterator)
+            mb = gmb.slice(a, a + mbs)
+            with final_hidden_states(model):
+                hidden = model(mb.tokens_BS, pos, None)
+            extra = {}
+            if cfg.estimator != "sampled":
+                extra = dict(
+                    teacher_logits_BSV=frozen(th, tw, a, TEMP_TEACHER),
+                    ref_logits_BSV=frozen(rh, rw, a, TEMP_REF),
+                )
+            return hidden, partial(
+                student_loss,
+                model=model,
+                mb=mb,
+                cfg=cfg,
+                tp_group=None,
+                vocab_size=V_REAL,
+                temperature=TEMP,
+                **extra,
+            )
+
+        ddp.zero_grad_buffer()
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(starts),
+            model=[ddp],
+            num_microbatches=nmb,
+            seq_length=SEQ,
+            micro_batch_size=mbs,
+            forward_only=False,
+        )
+        total = torch.stack([r["loss"] for r in reports]).sum(0)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        grads = {n: p.main_grad.detach().clone() for n, p in ddp.module.named_parameters()}
+        out[name] = dict(loss=total[0] / total[1], grads=grads)
+    return out
+
+
+def _trainer_path_reference():
+    """The global loss from the formulas at the temperatures (float64), by plain autograd on an
+    unwrapped copy of the model, for every case."""
+    from megatron_gopd.models import build_gpt
+
+    plain = build_gpt(ARCH, seed=SEED, spec="local")
+    gmb, _, _ = global_batch()
+    th, tw, rh, rw = frozen_layers()
+    teacher, ref = (th @ tw.t()) / TEMP_TEACHER, (rh @ rw.t()) / TEMP_REF
+    labels = torch.roll(gmb.tokens_BS, -1, 1)
+    mb = dataclasses.replace(
+        gmb,  # the sampled estimator's q and r: the frozen roles' tempered log-probs
+        teacher_logprobs_BS=F.log_softmax(teacher[..., :V_REAL], -1)
+        .gather(-1, labels[..., None])[..., 0]
+        .float(),
+        ref_logprobs_BS=F.log_softmax(ref[..., :V_REAL], -1)
+        .gather(-1, labels[..., None])[..., 0]
+        .float(),
+    )
+    pos = torch.arange(SEQ).unsqueeze(0).expand(B, SEQ)
+    out = {}
+    for name, cfg in CASES.items():
+        plain.zero_grad()
+        loss = reference_loss(plain(gmb.tokens_BS, pos, None) / TEMP, cfg, mb, teacher, ref)
+        loss.backward()
+        out[name] = dict(
+            loss=loss.detach(), grads={n: p.grad.clone() for n, p in plain.named_parameters()}
+        )
+    return out, mb
+
+
+@pytest.mark.parametrize(("dp", "nmb"), [(1, 2), (2, 1)])
+def test_trainer_loss_is_the_global_mean_gradient_at_temperature(dp, nmb, monkeypatch):
+    """The trainer's loss function (fp32 output layer, chunked, at the sampling temperature; the
+    frozen roles' logits chunked at theirs) gives the loss and every main_grad of the global
+    objective on ``softmax(logits / T)``, written from the formulas (issue 15, items 3 and 4)."""
+    ref, mb = run_distributed(_trainer_path_reference, 1, parallel=ParallelConfig())[0]
+    # the batch's teacher/reference log-probs are the tempered frozen roles' (as scoring makes them)
+    monkeypatch.setattr(sys.modules[__name__], "global_batch", lambda: (mb, None, None))
+    outs = run_distributed(_train_trainer_path, dp, nmb, parallel=ParallelConfig())
+    for name in CASES:
+        for got in outs:
+            torch.testing.assert_close(
+                got[name]["loss"].double(), ref[name]["loss"], rtol=2e-6, atol=1e-6
+            )
+            rel = _max_rel_diff(got[name]["grads"], ref[name]["grads"])
+            assert rel < 2e-6, f"{name}: main_grad differs from the reference by {rel}"
+
+
+def test_trainer_loss_under_tensor_and_sequence_parallelism():
+    """At TP 2, with and without sequence parallelism, the trainer's loss function (hidden states
+    gathered or copied into the TP region, each rank's vocabulary slice of the fp32 output layer,
+    the hidden states' gradient summed over the ranks) gives the loss and every gradient of the
+    model's own output layer with its logits divided by T (``trainer_path=None``)."""
+    want = run_distributed(_train_tp2, 2, False, False, None, parallel=ParallelConfig(2, 1))
+    for sp in (False, True):
+        got = run_distributed(_train_tp2, 2, sp, False, True, parallel=ParallelConfig(2, 1, sp))
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g["loss"], w["loss"], rtol=1e-6, atol=1e-6)
+            rel = _max_rel_diff(g["grads"], w["grads"])
+            assert rel < 2e-6, f"sequence_parallel={sp}: gradients differ by {rel}"

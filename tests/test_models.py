@@ -138,9 +138,9 @@ def test_vocab_check_accepts_padding_differences():
     a = dataclasses.replace(base, vocab_size=300, tokenizer_vocab_size=240)
     b = dataclasses.replace(base, vocab_size=256, tokenizer_vocab_size=240)
     check_vocab_compatible(a, b, "teacher")
-    # tokenizer known on one side only: its tokens must fit in both models' rows
+    # tokenizer known on one side only: the same embedding rows are accepted
     check_vocab_compatible(
-        dataclasses.replace(base, vocab_size=256, tokenizer_vocab_size=None), a, "teacher"
+        dataclasses.replace(base, vocab_size=300, tokenizer_vocab_size=None), a, "teacher"
     )
 
 
@@ -154,6 +154,14 @@ def test_vocab_check_names_both_sizes():
     c = dataclasses.replace(_arch(), vocab_size=128, tokenizer_vocab_size=None)
     with pytest.raises(GopdError, match="reference"):
         check_vocab_compatible(a, c, "reference")
+    # without a tokenizer on one side, rows that merely cover the other's tokens prove nothing
+    # (they used to be accepted: a 250-row teacher for a 15-token student)
+    student = dataclasses.replace(_arch(), vocab_size=15, tokenizer_vocab_size=15)
+    teacher = dataclasses.replace(_arch(), vocab_size=250, tokenizer_vocab_size=None)
+    with pytest.raises(GopdError, match="the teacher checkpoint has no tokenizer"):
+        check_vocab_compatible(student, teacher, "teacher")
+    with pytest.raises(GopdError, match="the student checkpoint has no tokenizer"):
+        check_vocab_compatible(dataclasses.replace(teacher, vocab_size=512), a, "teacher")
 
 
 # ---------------------------------------------------------------------------------- memory

@@ -6,6 +6,7 @@ cache) for log-probs, and the sampling rules themselves for stop ids / lengths /
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import threading
@@ -348,6 +349,7 @@ def test_sglang_command_has_the_rl_flags():
         mem_fraction_static=0.7,
         enable_memory_saver=True,
         deterministic=True,
+        fp32_lm_head=True,
         extra_args=("--disable-radix-cache",),
     )
     cmd = RolloutServers(cfg).command(1, 30001)
@@ -356,9 +358,19 @@ def test_sglang_command_has_the_rl_flags():
     assert flags["--model-path"] == "/models/student-hf" and flags["--port"] == "30001"
     assert flags["--tp-size"] == "4" and flags["--base-gpu-id"] == "4"  # server 1: GPUs 4..7
     assert flags["--mem-fraction-static"] == "0.7"
-    for f in ("--enable-memory-saver", "--skip-tokenizer-init", "--enable-deterministic-inference"):
+    for f in (
+        "--enable-memory-saver",
+        "--skip-tokenizer-init",
+        "--enable-deterministic-inference",
+        "--enable-fp32-lm-head",
+    ):
         assert f in cmd
     assert cmd[-1] == "--disable-radix-cache"
+    # the CPU stand-in takes the same switch; without it, neither gets one
+    cpu = RolloutServers(dataclasses.replace(cfg, backend="cpu", tp_size=1)).command(0, 30000)
+    assert "--enable-fp32-lm-head" in cpu
+    plain = RolloutServers(dataclasses.replace(cfg, fp32_lm_head=False)).command(0, 30000)
+    assert "--enable-fp32-lm-head" not in plain
 
 
 def test_attach_to_running_servers(served):

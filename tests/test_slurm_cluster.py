@@ -26,8 +26,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_gopd.testing import run_distributed
-
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORT = ROOT / "tests" / "slurm_support"
 CI_SITE = ROOT / "slurm" / "ci" / "site.sh"
@@ -138,12 +136,16 @@ def assert_no_process_left(token: str, grace: float = 15.0) -> None:
 
 
 def _prepare_tiny(path: str) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prepare", ROOT / "examples/tiny_cpu_prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.prepare(path)
+    """``python examples/tiny_cpu_prepare.py DIR``, as the recipes document it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, ROOT / "examples/tiny_cpu_prepare.py", path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _hf_logprobs(hf_dir: Path, records: list[dict]) -> list[list[float]]:
@@ -163,7 +165,7 @@ def _hf_logprobs(hf_dir: Path, records: list[dict]) -> list[list[float]]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tiny = tmp_path_factory.mktemp("tiny")
-    run_distributed(_prepare_tiny, 1, str(tiny))  # in a forked rank: megatron is imported once
+    _prepare_tiny(str(tiny))
     return tiny
 
 

@@ -28,9 +28,9 @@ def _train_with_spies(args):
     scored, built = [], []
     orig_score, orig_build = T.GOPDTrainer._response_logprobs, T.build_role
 
-    def score_spy(self, role, samples):
+    def score_spy(self, role, samples, *args):
         scored.append((role.name, sorted({s.domain for s in samples}), len(samples)))
-        return orig_score(self, role, samples)
+        return orig_score(self, role, samples, *args)
 
     def build_spy(name, path, **kw):
         built.append((name, str(path)))
@@ -334,6 +334,8 @@ def test_bf16_distributed_optimizer_dp2_resumes_exactly(world, tmp_path):
         for k in x:
             if not k.startswith(("time/", "perf/")):
                 assert x[k] == y[k], (x["step"], k, x[k], y[k])
-    # bf16 trainer vs fp32 rollout server: agreement at bf16 precision, not fp32's
-    assert all(a[s]["train/rollout_abs_log_ratio"] < 0.05 for s in (1, 2, 3, 4))
+    # bf16 trainer (fp32 logits) vs the fp32 rollout server: what is left is the bf16 body's
+    # rounding. Measured mean |log ratio| 0.0015-0.0022 per step (0.0018-0.0024 with the old bf16
+    # logits); the bound was 0.05 (issue 15, item 4)
+    assert all(a[s]["train/rollout_abs_log_ratio"] < 0.005 for s in (1, 2, 3, 4))
     assert all(a[s]["optim/update_skipped"] == 0 for s in (1, 2, 3, 4))

@@ -50,7 +50,7 @@ def test_domain_without_teacher(world, tmp_path):
 
 @pytest.mark.parametrize("value", ["-0.5", "nan", "math=-1"])
 def test_negative_lambda(world, tmp_path, value):
-    with pytest.raises(GopdError, match="lambda must be >= 0"):
+    with pytest.raises(GopdError, match="lambda must be finite and >= 0"):
         build_config(parse_args(_args(world, tmp_path, "--gopd-lambda", value)))
 
 
@@ -200,3 +200,162 @@ def test_yaml_config_with_command_line_overrides(world, tmp_path):
     cfg_file.write_text("tensor_model_parallel_sise: 2\n")
     with pytest.raises(GopdError, match="unknown key"):
         parse_args(["--config", str(cfg_file)])
+
+
+# ---------------------------------------------------------------------------------- batches vs DP
+
+
+def _trainer_until_models(argv):
+    """GOPDTrainer's start-up on this rank with model building and the rollout forbidden: the
+    error it raises first, or what it got to."""
+    from megatron_gopd.trainer import stages as T
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    def no_rollout(cfg, tokenizer):
+        raise AssertionError("the rollout was started")
+
+    T.build_role = no_model
+    try:
+        T.GOPDTrainer(build_config(parse_args(argv)), no_rollout)
+    except GopdError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize(
+    "batch,message",
+    [
+        # 10 samples over 4 data-parallel ranks: 2 were silently dropped (trained on 8)
+        (
+            ["--rollout-batch-size", "5", "--n-samples-per-prompt", "2"],
+            "update batch of 10 samples (--rollout-batch-size 5 x --n-samples-per-prompt 2) is not "
+            "divisible by the 4 data-parallel ranks: each update would train on 8 and drop 2",
+        ),
+        (
+            [
+                "--rollout-batch-size",
+                "4",
+                "--n-samples-per-prompt",
+                "3",
+                "--global-batch-size",
+                "6",
+            ],
+            "--global-batch-size 6 is not divisible by the 4 data-parallel ranks: each update "
+            "would train on 4 and drop 2",
+        ),
+        # fewer samples than ranks: some ranks trained on all-masked rows
+        (
+            ["--rollout-batch-size", "1", "--n-samples-per-prompt", "2"],
+            "update batch of 2 samples (--rollout-batch-size 1 x --n-samples-per-prompt 2) is "
+            "smaller than the 4 data-parallel ranks",
+        ),
+    ],
+)
+def test_update_batch_must_fit_the_data_parallel_ranks(world, tmp_path, batch, message):
+    """Refused up front (before the rollout servers or any model), naming the numbers."""
+    from megatron_gopd.testing import run_distributed
+
+    argv = _args(world, tmp_path, *batch)
+    argv[argv.index("--tensor-model-parallel-size") + 1] = "1"
+    errors = run_distributed(_trainer_until_models, 4, argv, timeout=120)
+    assert all(e == errors[0] for e in errors)
+    assert errors[0] is not None and message in errors[0], errors[0]
+
+
+# ---------------------------------------------------------------------------------- odd values
+
+
+@pytest.mark.parametrize("value", ["inf", "math=inf", "1e400"])
+def test_infinite_lambda(world, tmp_path, value):
+    with pytest.raises(GopdError, match="lambda must be finite and >= 0"):
+        build_config(parse_args(_args(world, tmp_path, "--gopd-lambda", value)))
+
+
+def test_zero_response_length(world, tmp_path):
+    with pytest.raises(GopdError, match="--max-response-len must be >= 1"):
+        build_config(parse_args(_args(world, tmp_path, "--max-response-len", "0")))
+
+
+def test_teacher_without_tokenizer_and_another_vocabulary(world, tmp_path):
+    """A 250-token teacher for the 15-token student, converted without its tokenizer: the rows
+    cover the student's tokens, but nothing says they are the same tokens (the README promises an
+    error for vocabularies that do not match)."""
+    import shutil
+
+    from megatron_gopd.testing import make_tiny_hf_model
+    from tests.test_parity_hf import convert
+
+    hf = tmp_path / "hf250"
+    make_tiny_hf_model(hf, "qwen3", vocab_size=250)  # no tokenizer files
+    convert(hf, tmp_path / "t250")
+    assert (
+        json.loads((tmp_path / "t250" / "gopd_model.json").read_text())["arch"][
+            "tokenizer_vocab_size"
+        ]
+        is None
+    )
+    shutil.rmtree(hf)
+    argv = train_args(world, tmp_path / "run", "--teacher-load", str(tmp_path / "t250"))
+    with pytest.raises(
+        GopdError, match=r"teacher vocabulary has 250 tokens, the student's has 15 .*no tokenizer"
+    ):
+        _validate(argv)
+
+
+# ---------------------------------------------------------------------------------- domains
+
+
+def _cli_stderr(argv) -> str:
+    """The real CLI (a world of one) up to the first model, which it may not build: stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MODELS, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert "a model was built" in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_domains_and_their_teachers_are_logged_at_startup(world, tmp_path):
+    """One unnamed --teacher-load and prompts of two domains: said at startup, with each
+    domain's prompt counts, teacher, lambda and reference."""
+    argv = _args(world, tmp_path, "--gopd-lambda", "1.25")
+    argv[argv.index("--tensor-model-parallel-size") + 1] = "1"
+    argv[argv.index("--prompt-data") + 1] = str(world["train2"])
+    argv[argv.index("--eval-prompt-data") + 1] = str(world["eval2"])
+    err = _cli_stderr(argv)
+    teacher, student = world["teacher"], world["student"]
+    assert "2 domains (code, math); one teacher (--teacher-load PATH) scores all of them" in err
+    for domain in ("code", "math"):
+        line = (
+            f"  {domain}: 32 training / 8 evaluation prompts -> teacher {teacher}, lambda 1.25, "
+            f"reference {student}"
+        )
+        assert line in err, err[-3000:]
+
+
+def test_keep_only_some_domains(world, tmp_path):
+    argv = _args(world, tmp_path, "--domains", "math")
+    argv[argv.index("--prompt-data") + 1] = str(world["train2"])
+    argv[argv.index("--eval-prompt-data") + 1] = str(world["eval2"])
+    prompts, eval_prompts = _validate(argv)
+    assert len(prompts) == 32 and {p.domain for p in prompts} == {"math"}
+    assert len(eval_prompts) == 8 and {p.domain for p in eval_prompts} == {"math"}
+    # prompt metadata survives (the answer of each kept line)
+    assert all(p.metadata["answer"] for p in prompts)
+    # a domain no prompt has: a typo, said at once
+    argv[argv.index("--domains") + 1] = "math,maths"
+    with pytest.raises(GopdError, match=r"--domains names 'maths', which no prompt of .*train2"):
+        _validate(argv)
+    # comma list and YAML list give the same config
+    cfg = build_config(parse_args([*argv[:-2], "--domains", "code,math"]))
+    assert cfg.data.domains == ("code", "math")
+    yaml_file = tmp_path / "d.yaml"
+    yaml_file.write_text("domains: [math, code]\n")
+    assert build_config(parse_args(["--config", str(yaml_file), *argv[:-2]])).data.domains == (
+        "math",
+        "code",
+    )

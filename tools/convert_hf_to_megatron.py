@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_gopd.utils import cli_errors
+from megatron_gopd.utils import check_writable, cli_errors
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -40,6 +40,7 @@ def build_parser():
 @cli_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_writable(args.out, "--out", directory=True)  # before the conversion, not after it
     import torch
 
     from megatron_gopd.convert.checkpoint import convert_hf_to_megatron

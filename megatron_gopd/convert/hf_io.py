@@ -52,6 +52,7 @@ class HFWeights(Mapping):
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._names: dict[Path, set[str]] = {}
         for index_name in (SAFE_INDEX, BIN_INDEX):
             index = self.path / index_name
             if index.is_file():
@@ -96,23 +97,48 @@ class HFWeights(Mapping):
 
     def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
         if f not in self._bin_cache:
-            self._bin_cache[f] = torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                self._bin_cache[f] = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # zip and pickle errors of every kind
+                raise GopdError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
         return self._bin_cache[f]
+
+    def _names_in(self, f: Path) -> set[str]:
+        if f not in self._names:
+            self._names[f] = set(self._open(f).keys())
+        return self._names[f]
+
+    def _absent(self, key: str, f: Path) -> GopdError:
+        return GopdError(
+            f"{key} is not in {f.name}, where the shard index of {self.path} says it is: the "
+            f"index and the shards do not match"
+        )
 
     def __getitem__(self, key: str) -> torch.Tensor:
         f = self._where[key]
         if f.suffix == ".safetensors":
+            handle = self._open(f)
+            if key not in self._names_in(f):
+                raise self._absent(key, f)
             try:
-                return self._open(f).get_tensor(key)
+                return handle.get_tensor(key)
             except Exception as e:
                 raise GopdError(f"cannot read {key} from {f.name}: {e}") from None
-        return self._load_bin(f)[key]
+        weights = self._load_bin(f)
+        if key not in weights:
+            raise self._absent(key, f)
+        return weights[key]
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         f = self._where[key]
         if f.suffix == ".safetensors":
+            if key not in self._names_in(f):
+                raise self._absent(key, f)
             return tuple(self._open(f).get_slice(key).get_shape())
-        return tuple(self._load_bin(f)[key].shape)
+        weights = self._load_bin(f)
+        if key not in weights:
+            raise self._absent(key, f)
+        return tuple(weights[key].shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -25,7 +25,9 @@ Semantics follow SGLang 0.5.23 where a trainer can observe them:
   shapes) before the first copy, so a bad update leaves the old weights in place.
 
 The model runs in the checkpoint's dtype unless told otherwise, with eager attention, so that its
-log-probs are a faithful fp32 reference for the parity tests.
+log-probs are a faithful fp32 reference for the parity tests. ``enable_fp32_lm_head`` is SGLang's
+``--enable-fp32-lm-head`` (fp32 logits from a bf16 model, as the trainer computes them);
+``device`` runs the model on a GPU (sampling stays on the host).
 """
 
 from __future__ import annotations
@@ -69,16 +71,25 @@ class CpuEngine:
         context_length: int | None = None,
         random_seed: int = 0,
         deterministic: bool = False,
+        enable_fp32_lm_head: bool = False,
+        device: str = "cpu",
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_path = model_path
         config = AutoConfig.from_pretrained(model_path)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype, attn_implementation="eager"
-        ).eval()
+        self.device = torch.device(device)
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=torch_dtype, attn_implementation="eager"
+            )
+            .eval()
+            .to(self.device)
+        )
         self.model.requires_grad_(False)
+        if enable_fp32_lm_head:
+            _fp32_lm_head(self.model.get_output_embeddings())
         self.config = config
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.context_length = int(
@@ -168,9 +179,12 @@ class CpuEngine:
             self._inflight.difference_update(rids)
 
     def _forward(self, input_ids: torch.Tensor, cache=None):
+        """Logits (fp32, on the host, where sampling runs) and the KV cache (on the device)."""
         with self.model_lock:
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        return out.logits.float(), out.past_key_values
+            out = self.model(
+                input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True
+            )
+        return out.logits.float().cpu(), out.past_key_values
 
     def _generate_group(self, prompt: list[int], items: list[GenItem], epoch: int) -> None:
         b, n_prompt = len(items), len(prompt)
@@ -295,7 +309,7 @@ class CpuEngine:
         out = {}
         with self.model_lock:
             for name, p in self.model.named_parameters():
-                data = p.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                data = p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
                 out[name] = hashlib.blake2b(data, digest_size=8).hexdigest()
         return out
 
@@ -319,7 +333,7 @@ class CpuEngine:
             name = "model.embed_tokens.weight"
         if name not in params:
             return None
-        return params[name].detach().to(torch.float32).numpy().tolist()[:truncate_size]
+        return params[name].detach().to(torch.float32).cpu().numpy().tolist()[:truncate_size]
 
     # ------------------------------------------------------------------ distributed updates
 
@@ -413,6 +427,20 @@ _GET_WEIGHTS_BY_NAME_ARCHS = {
     "Exaone4ForCausalLM",
     "Gemma2Model",
 }
+
+
+def _fp32_lm_head(head: torch.nn.Module) -> None:
+    """SGLang's ``--enable-fp32-lm-head``: the LM head's logits are fp32, its bf16 operands
+    multiplied with fp32 accumulation and not rounded back to bf16 (the same function the trainer
+    uses, :func:`megatron_gopd.vocab_parallel.output_layer.fp32_logits`). A no-op for an fp32
+    model."""
+    from megatron_gopd.vocab_parallel.output_layer import fp32_logits
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        out = fp32_logits(hidden, head.weight)
+        return out if head.bias is None else out + head.bias.float()
+
+    head.forward = forward
 
 
 def _normalize(sp: dict[str, Any]) -> dict[str, Any]:

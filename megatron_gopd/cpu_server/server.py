@@ -877,6 +877,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.read_timeout_s,
         help="seconds a request's socket may stall before the server answers 400 and hangs up",
     )
+    p.add_argument(
+        "--enable-fp32-lm-head",
+        action="store_true",
+        help="as SGLang's: the LM head computes fp32 logits (bf16 products, fp32 accumulation)",
+    )
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
     return p
 
 
@@ -945,6 +951,8 @@ def main(argv: list[str] | None = None) -> int:
         context_length=args.context_length,
         random_seed=args.random_seed,
         deterministic=args.enable_deterministic_inference,
+        enable_fp32_lm_head=args.enable_fp32_lm_head,
+        device=args.device,
     )
     server = CpuServer(engine, opts)
     try:

@@ -23,7 +23,7 @@ from megatron_gopd.evaluation.generation import (
     RolloutClientGenerator,
 )
 from megatron_gopd.evaluation.sandbox import Sandbox, SandboxLimits
-from megatron_gopd.utils import GopdError, cli_errors
+from megatron_gopd.utils import GopdError, check_writable, cli_errors
 
 __all__ = ["build_generator", "build_parser", "main"]
 
@@ -150,6 +150,7 @@ def _parse_tags(items: list[str]) -> dict:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_writable(args.output_dir, "--output-dir", directory=True)  # before the work
     if not args.benchmark:
         raise GopdError("no benchmark given: pass --benchmark NAME=FORMAT:PATH")
     specs = [BenchmarkSpec.parse(b) for b in args.benchmark]

@@ -6,7 +6,8 @@ imported. It is a separate executable (and stdlib only) rather than a ``preexec_
 pool), and because the pid namespace needs a process that forks once more:
 
     launcher: unshare(net, pid[, user]) -> setrlimit -> fork -> wait4 -> status JSON on status_fd
-      child (pid 1 of the new pid namespace): PDEATHSIG=SIGKILL -> landlock -> setuid -> execve
+      child (pid 1 of the new pid namespace): PDEATHSIG=SIGKILL -> landlock -> seccomp -> setuid
+                                              -> execve
 
 When the child (the namespace's init) exits, the kernel kills every process left in the namespace:
 a program that forks and ``setsid()``s cannot outlive its run. Killing the launcher (the
@@ -40,6 +41,17 @@ FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 FS_FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+# seccomp (include/uapi/linux/seccomp.h, filter.h, audit.h)
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_AND_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x54, 0x06
+AF_UNIX, SOCK_STREAM, SOCK_TYPE_MASK, EACCES = 1, 1, 0xF, 13
+# machine -> (AUDIT_ARCH_*, socket, socketpair, io_uring_setup); x86_64's x32 numbers have bit 30 set
+SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, 41, 53, 425),
+    "aarch64": (0xC00000B7, 198, 199, 425),
+}
 
 RLIMITS = {
     "CPU": resource.RLIMIT_CPU,
@@ -145,6 +157,103 @@ def apply_landlock(read_paths: list, write_paths: list, abi: int) -> None:
     os.close(ruleset)
 
 
+class _SockFilter(ctypes.Structure):
+    _fields_ = (
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    )
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter)))
+
+
+def _assemble(program: list) -> list:
+    """``(code, k, jump_true_label, jump_false_label)`` and ``"label"`` items -> BPF instructions
+    (conditional jumps are relative to the next instruction)."""
+    labels, n = {}, 0
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = n
+        else:
+            n += 1
+    out = []
+    for item in program:
+        if isinstance(item, str):
+            continue
+        code, k, jt, jf = item
+        here = len(out) + 1
+        out.append(
+            (code, labels[jt] - here if jt else 0, labels[jf] - here if jf else 0, k & 0xFFFFFFFF)
+        )
+    return out
+
+
+def unix_socket_filter(machine: str) -> list | None:
+    """The seccomp program that keeps the program away from pathname Unix sockets, or None where
+    the architecture's syscall numbers are not known here.
+
+    Pathname sockets are file-system objects: the network namespace does not hide them, and
+    landlock does not govern ``connect()``. BPF cannot read the address a ``connect()`` or
+    ``sendto()`` points at, so the sockets themselves are refused (EACCES): ``socket(AF_UNIX,
+    ...)``, and ``socketpair(AF_UNIX, ...)`` except of stream type (a connected stream pair cannot
+    be pointed elsewhere: ``connect`` gives EISCONN, ``sendto`` with an address is refused;
+    asyncio's event loop needs one). ``io_uring_setup`` is refused too (io_uring can create and
+    connect sockets without those syscalls). Any other architecture's syscalls (i386 from
+    x86_64) kill the process."""
+    if machine not in SECCOMP_ARCHES:
+        return None
+    arch, nr_socket, nr_socketpair, nr_io_uring_setup = SECCOMP_ARCHES[machine]
+    deny = SECCOMP_RET_ERRNO | EACCES
+    nr, arg0, arg1 = 0, 16, 24  # offsets in struct seccomp_data (args: low 32 bits, little-endian)
+    program = [
+        (BPF_LD_W_ABS, 4, None, None),
+        (BPF_JEQ_K, arch, "native", "kill"),
+        "native",
+        (BPF_LD_W_ABS, nr, None, None),
+    ]
+    if machine == "x86_64":
+        program += [(BPF_JGE_K, 0x40000000, "deny", "native64")]
+    program += [
+        "native64",
+        (BPF_JEQ_K, nr_socket, "socket", "not_socket"),
+        "not_socket",
+        (BPF_JEQ_K, nr_socketpair, "socketpair", "not_socketpair"),
+        "not_socketpair",
+        (BPF_JEQ_K, nr_io_uring_setup, "deny", "allow"),
+        "socket",
+        (BPF_LD_W_ABS, arg0, None, None),
+        (BPF_JEQ_K, AF_UNIX, "deny", "allow"),
+        "socketpair",
+        (BPF_LD_W_ABS, arg0, None, None),
+        (BPF_JEQ_K, AF_UNIX, "unix_pair", "allow"),
+        "unix_pair",
+        (BPF_LD_W_ABS, arg1, None, None),
+        (BPF_AND_K, SOCK_TYPE_MASK, None, None),
+        (BPF_JEQ_K, SOCK_STREAM, "allow", "deny"),
+        "allow",
+        (BPF_RET_K, SECCOMP_RET_ALLOW, None, None),
+        "deny",
+        (BPF_RET_K, deny, None, None),
+        "kill",
+        (BPF_RET_K, SECCOMP_RET_KILL_PROCESS, None, None),
+    ]
+    return _assemble(program)
+
+
+def apply_seccomp(instructions: list) -> None:
+    """Install a seccomp filter on this process and its descendants (after NO_NEW_PRIVS)."""
+    filters = (_SockFilter * len(instructions))(*[_SockFilter(*i) for i in instructions])
+    prog = _SockFprog(len(instructions), filters)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    _check(
+        _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0),
+        "prctl(PR_SET_SECCOMP)",
+    )
+
+
 def _child(cfg: dict, alive_r: int, err_w: int) -> None:
     """Runs in the forked child; never returns (execve or _exit)."""
     try:
@@ -157,6 +266,8 @@ def _child(cfg: dict, alive_r: int, err_w: int) -> None:
         if cfg.get("landlock"):
             ll = cfg["landlock"]
             apply_landlock(ll["read"], ll["write"], ll["abi"])
+        if cfg.get("seccomp"):
+            apply_seccomp(cfg["seccomp"])
         if cfg.get("uid") is not None:
             os.setgroups([])
             os.setgid(cfg["gid"])

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, read_text_file
 
 __all__ = [
     "DEFAULT_N_SAMPLES",
@@ -154,10 +154,16 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise GopdError(
                 "reading parquet needs pyarrow: pip install 'megatron_gopd[eval]'"
             ) from e
-        return pq.read_table(p).to_pylist()
-    text = p.read_text(encoding="utf-8")
+        try:
+            return pq.read_table(p).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise GopdError(f"benchmark file {p} is not a readable parquet file: {e}") from None
+    text = read_text_file(p, "benchmark file")
     if suffix == ".json":
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GopdError(f"benchmark file {p} is not valid JSON ({e})") from None
         if not isinstance(rows, list):
             raise GopdError(f"{p}: expected a JSON list of problems")
         return rows

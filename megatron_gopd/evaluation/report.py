@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from megatron_gopd.evaluation.metrics import bootstrap_ci
-from megatron_gopd.utils import GopdError, cli_errors
+from megatron_gopd.utils import GopdError, check_writable, cli_errors
 
 __all__ = ["Run", "comparison", "comparison_markdown", "load_run", "plot_vs"]
 
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", type=float, default=0.95)
     p.add_argument("--out", required=True, help="dir for comparison.md/.json and the plot")
     args = p.parse_args(argv)
+    check_writable(args.out, "--out", directory=True)
     if not args.run:
         raise GopdError("no run given: pass --run NAME=DIR (an evaluate() output dir)")
     if not 0 < args.level < 1:

@@ -20,14 +20,19 @@ them are on a stock Debian 12 kernel, as root or not):
   interpreter's prefix and the system library dirs; only the temp dir is writable; the project,
   ``/tmp``, ``/home``, ``/proc`` are invisible. ABI >= 4 also denies TCP bind/connect, ABI >= 6
   denies signals to processes outside the sandbox (the evaluator itself).
+- **Seccomp** (x86_64, aarch64): no Unix-domain sockets (``socket(AF_UNIX)``, non-stream
+  ``socketpair``, ``io_uring_setup`` fail with EACCES). Pathname sockets are file-system objects
+  that neither the network namespace nor landlock's rules cover: without this, a program could
+  ``connect()`` to any world-writable socket on the host (a service's, another job's). A
+  connected stream ``socketpair`` (asyncio's event loop) still works.
 - **A dedicated uid** (only when the caller is root): the program runs as an unused uid, so
   ``RLIMIT_NPROC`` is enforced (root is exempt from it) and its processes are found and killed
   by uid if the pid namespace is unavailable.
 - **Fallback**: without a network namespace and without landlock-net, a Python audit hook vetoes
   socket connect/bind/send (bypassable with ctypes: a warning says so once).
 
-What this does *not* stop (no seccomp filter, no cgroup, no mount namespace): kernel exploits
-through any syscall; limits are per process, so up to ``max_processes`` processes may each use
+What this does *not* stop (no general seccomp filter, no cgroup, no mount namespace): kernel
+exploits through any syscall; limits are per process, so up to ``max_processes`` processes may each use
 ``cpu_seconds`` of CPU (until the wall-clock limit) and ``memory_bytes`` of memory; filling the disk
 under the temp dir with
 many files of up to ``output_bytes`` each until the wall-clock limit (no quota); reading
@@ -169,6 +174,7 @@ class Sandbox:
             raise GopdError(f"sandbox interpreter {self.python} is not executable")
         self._unshare = False
         self._landlock_abi = 0
+        self._seccomp: list | None = None
         self.isolation: tuple[str, ...] = ("rlimits", "clean-env", "tmp-cwd")
         if isolation != "minimal":
             self._probe(strict=isolation == "strict")
@@ -188,9 +194,12 @@ class Sandbox:
 
     def _probe(self, *, strict: bool) -> None:
         """Find out once which layers work here, by running a trivial program through each."""
-        from megatron_gopd.evaluation._launcher import landlock_abi
+        import platform
+
+        from megatron_gopd.evaluation._launcher import landlock_abi, unix_socket_filter
 
         self._landlock_abi = landlock_abi()
+        self._seccomp = unix_socket_filter(platform.machine())
         self._unshare = True
         ok = self._try({"kind": "script", "code": "pass"})
         if not ok:
@@ -198,6 +207,9 @@ class Sandbox:
             ok = self._try({"kind": "script", "code": "pass"})
         if not ok and self._landlock_abi:
             self._landlock_abi = 0
+            ok = self._try({"kind": "script", "code": "pass"})
+        if not ok and self._seccomp:
+            self._seccomp = None
             ok = self._try({"kind": "script", "code": "pass"})
         if not ok:
             res = self.run({"kind": "script", "code": "pass"})
@@ -207,12 +219,18 @@ class Sandbox:
             layers += ["netns", "pidns"]
         if self._landlock_abi:
             layers.append(f"landlock-abi{self._landlock_abi}")
+        if self._seccomp:
+            layers.append("seccomp-unix")
         if self._is_root:
             layers.append("dedicated-uid")
         self.isolation = tuple(layers)
         missing = [
             n
-            for n, on in (("namespaces", self._unshare), ("landlock", self._landlock_abi))
+            for n, on in (
+                ("namespaces", self._unshare),
+                ("landlock", self._landlock_abi),
+                ("seccomp", self._seccomp),
+            )
             if not on
         ]
         if missing and strict:
@@ -225,7 +243,9 @@ class Sandbox:
                 " and ".join(missing),
                 "network blocked by a Python audit hook only"
                 if not self._net_isolated
-                else "file system limited by permissions only",
+                else "file system limited by permissions only"
+                if not self._landlock_abi
+                else "the host's Unix sockets are reachable",
             )
 
     def _try(self, spec: dict) -> bool:
@@ -291,6 +311,7 @@ class Sandbox:
                 "gid": uid,
                 "rlimits": self._rlimits(),
                 "landlock": self._landlock_rules(work) if self._landlock_abi else None,
+                "seccomp": self._seccomp,
             }
             t0 = time.monotonic()
             proc = subprocess.Popen(

@@ -7,6 +7,8 @@ role, and their checkpoints.
   the current TP/PP layout; frozen roles; the vocabulary compatibility check.
 * :mod:`~megatron_gopd.models.checkpoint`: the checkpoint layout, its metadata, dist-checkpoint
   save and load.
+* :mod:`~megatron_gopd.models.checksums`: ``checksums.json`` of a checkpoint, written at save and
+  verified at load.
 """
 
 from megatron_gopd.models.arch import ArchError, ModelArch

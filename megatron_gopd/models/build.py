@@ -28,10 +28,14 @@ from megatron_gopd.utils import GopdError, get_logger
 
 __all__ = [
     "LocalRMSNorm",
+    "OffloadStats",
     "RoleModel",
     "build_gpt",
     "build_role",
     "check_vocab_compatible",
+    "final_hidden_states",
+    "output_rows",
+    "output_weight",
     "transformer_config",
     "unwrap_model",
     "use_transformer_engine",
@@ -210,6 +214,18 @@ def build_gpt(
 
 
 @dataclass
+class OffloadStats:
+    """What ``--offload-frozen`` moved for a role: device loads and host offloads (phases), bytes
+    each way, and how many host buffers were ever allocated (once per tensor)."""
+
+    to_device: int = 0
+    to_host: int = 0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    host_allocations: int = 0
+
+
+@dataclass
 class RoleModel:
     """A model role in the job: its name, architecture, the stage's model chunk(s) and state."""
 
@@ -219,7 +235,10 @@ class RoleModel:
     frozen: bool
     checkpoint: str | None = None
     offload: bool = False
+    offload_stats: OffloadStats = field(default_factory=OffloadStats, repr=False)
     _on_device: bool = field(default=True, repr=False)
+    _host: list[torch.Tensor] | None = field(default=None, repr=False)
+    _users: int = field(default=0, repr=False)
 
     @property
     def model(self):
@@ -238,34 +257,62 @@ class RoleModel:
             m.requires_grad_(False)
         self.frozen = True
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for m in self.chunks for t in _tensors(m)]
+
     def offload_to_host(self) -> None:
-        """Move this role's weights to (pinned) host memory; a no-op on CPU machines."""
-        if not platform.cuda_available() or not self._on_device:
+        """Leave the device: the weights live in host memory (pinned with CUDA) until the next
+        :meth:`load_to_device`.
+
+        The host buffers are allocated and filled once, at the first offload, and reused by every
+        later one. A frozen role's weights never change, so from then on the host copy is
+        current and leaving the device is only dropping the device copy: no transfer back, no
+        allocation. On a machine without CUDA the same steps run with host "devices" (the moves
+        cost nothing; the counters in :attr:`offload_stats` are the same as on a GPU)."""
+        if not self._on_device:
             return
-        for m in self.chunks:
-            for t in _tensors(m):
-                t.data = t.data.to("cpu", non_blocking=True).pin_memory()
-        torch.cuda.synchronize()
+        if not self.frozen:
+            raise RuntimeError(f"role {self.name} is trained: only frozen roles are offloaded")
+        tensors = self._tensors()
+        st = self.offload_stats
+        if self._host is None:
+            pin = platform.cuda_available()
+            self._host = [torch.empty_like(t.data, device="cpu", pin_memory=pin) for t in tensors]
+            for h, t in zip(self._host, tensors, strict=True):
+                h.copy_(t.data, non_blocking=pin)
+            if pin:
+                torch.cuda.synchronize()
+            st.host_allocations += len(tensors)
+            st.bytes_to_host += sum(t.numel() * t.element_size() for t in tensors)
+        for h, t in zip(self._host, tensors, strict=True):
+            t.data = h
+        st.to_host += 1
         self._on_device = False
 
     def load_to_device(self) -> None:
-        if not platform.cuda_available() or self._on_device:
+        if self._on_device:
             return
-        dev = torch.device("cuda", torch.cuda.current_device())
-        for m in self.chunks:
-            for t in _tensors(m):
-                t.data = t.data.to(dev, non_blocking=True)
+        dev = platform.device()
+        for h, t in zip(self._host, self._tensors(), strict=True):
+            t.data = h.to(dev, non_blocking=True)
+        st = self.offload_stats
+        st.to_device += 1
+        st.bytes_to_device += sum(h.numel() * h.element_size() for h in self._host)
         self._on_device = True
 
     @contextlib.contextmanager
     def in_use(self):
-        """Weights on the device for the duration of the block; back on the host after it when
-        ``offload`` is set (frozen roles between scoring passes)."""
+        """Weights on the device for the duration of the block; back on the host after the
+        outermost such block when ``offload`` is set (frozen roles between phases). Blocks nest:
+        a phase holds the role once (e.g. the whole update, with every micro-batch's teacher
+        forward inside), so the weights cross the bus once per phase, not per micro-batch."""
         self.load_to_device()
+        self._users += 1
         try:
             yield self
         finally:
-            if self.offload:
+            self._users -= 1
+            if self.offload and self._users == 0:
                 self.offload_to_host()
 
 
@@ -328,22 +375,33 @@ def check_vocab_compatible(student: ModelArch, other: ModelArch, other_name: str
     Padding differences are fine: HF rows beyond the tokenizer (e.g. Qwen's 151936 vs 152064) and
     Megatron's padded rows are never sampled and our log-probs mask Megatron's padding. What is not
     fine is a different tokenizer, which shows as a different number of real tokens.
+
+    The token counts come from the tokenizers recorded at conversion. When one side has none, its
+    token count is unknown: HF rows are padded by amounts nobody records, so rows that merely cover
+    the other side's tokens prove nothing (a 250-row model and a 15-token student). Then only equal
+    embedding rows are accepted, and the error says how to record the tokenizer.
     """
     s, o = student.token_vocab_size, other.token_vocab_size
     if student.tokenizer_vocab_size and other.tokenizer_vocab_size:
         same = s == o
     else:
-        # Without tokenizer facts on one side, the rows of both must cover the known token count.
-        same = s == o or (
-            min(student.vocab_size, other.vocab_size)
-            >= max(student.tokenizer_vocab_size or 0, other.tokenizer_vocab_size or 0)
-            > 0
-        )
+        same = student.vocab_size == other.vocab_size
     if not same:
+        without = [
+            name
+            for name, arch in ((other_name, other), ("student", student))
+            if not arch.tokenizer_vocab_size
+        ]
+        hint = (
+            f"; the {' and the '.join(without)} checkpoint has no tokenizer, so its token count "
+            f"is unknown: convert it from a directory with its tokenizer files"
+            if without
+            else ""
+        )
         raise GopdError(
             f"the {other_name} and the student do not share a tokenizer: {other_name} vocabulary "
             f"has {o} tokens, the student's has {s} (embedding rows: {other.vocab_size} vs "
-            f"{student.vocab_size}); they cannot score the same token ids"
+            f"{student.vocab_size}); they cannot score the same token ids{hint}"
         )
 
 
@@ -352,3 +410,52 @@ def unwrap_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+# ---------------------------------------------------------------------------------- output layer
+
+
+@contextlib.contextmanager
+def final_hidden_states(model):
+    """Make the GPTModel (inside any wrapper) return its final, normed hidden states ``[S, B, H]``
+    (``[S / TP, B, H]`` under sequence parallelism) instead of logits: the output layer then runs
+    in fp32, chunk by chunk (:mod:`megatron_gopd.vocab_parallel.output_layer`)."""
+    gpt = unwrap_model(model)
+    saved = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = saved
+
+
+def output_weight(model) -> torch.Tensor:
+    """This TP rank's ``[V_padded / TP, H]`` output weight (the embedding's when tied)."""
+    gpt = unwrap_model(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def output_rows(model, hidden: torch.Tensor, *, grad: bool) -> torch.Tensor:
+    """Final hidden states ``[S(/TP), B, H]`` -> ``[B * S, H]``, one row per token in ``(b, s)``
+    order, as this rank's slice of the output layer reads them (what megatron-core's
+    ``ColumnParallelLinear`` does to its input).
+
+    Under sequence parallelism the sequence is gathered from the TP ranks. With ``grad`` the
+    gradient flowing back is summed over the TP group (each rank's is its vocabulary slice's
+    share): a reduce-scatter under sequence parallelism, else an all-reduce."""
+    from megatron.core import tensor_parallel
+
+    config = unwrap_model(model).config
+    if config.sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=grad
+        )
+    rows = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+    if grad and not config.sequence_parallel and config.tensor_model_parallel_size > 1:
+        # after the reshape, not before: megatron-core's all-reduce in this region's backward
+        # reduces ``grad.contiguous()`` and returns ``grad``, so a non-contiguous gradient (that of
+        # the transposed [S, B, H] states) would silently stay unreduced
+        rows = tensor_parallel.copy_to_tensor_model_parallel_region(rows)
+    return rows

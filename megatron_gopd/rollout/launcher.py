@@ -138,6 +138,8 @@ class ServerLaunchConfig:
     # --enable-deterministic-inference: SGLang honours sampling_seed only with it, and pays for
     # it (pytorch sampling backend, batch-invariant kernels, fewer attention backends)
     deterministic: bool = False
+    # --enable-fp32-lm-head: fp32 logits, as the trainer computes its log-probs (both backends)
+    fp32_lm_head: bool = False
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
@@ -321,6 +323,8 @@ class RolloutServers:
             cmd += ["--context-length", str(cfg.context_length)]
         if cfg.deterministic:
             cmd.append("--enable-deterministic-inference")
+        if cfg.fp32_lm_head:
+            cmd.append("--enable-fp32-lm-head")
         if config_file is not None:
             cmd += ["--config", config_file]
         return cmd + list(cfg.extra_args)

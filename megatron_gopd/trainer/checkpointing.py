@@ -23,6 +23,7 @@ and ``tools/convert_megatron_to_hf.py --load`` accept it (or the save directory:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_gopd import parallel
 from megatron_gopd.flags import flag
@@ -42,9 +44,11 @@ from megatron_gopd.models.checkpoint import (
     MODEL_SUBDIR,
     TOKENIZER_SUBDIR,
     CheckpointMeta,
+    describe_checkpoint_error,
     load_model_weights,
     resolve_checkpoint,
 )
+from megatron_gopd.models.checksums import verify_checksums, write_checksums
 from megatron_gopd.utils import GopdError, get_logger
 
 __all__ = [
@@ -127,6 +131,44 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _non_finite_weight(model) -> str | None:
+    """The name of the first parameter holding NaN or inf on this rank, or None."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return name
+    return None
+
+
+def _latest_of(save: Path) -> str:
+    latest = save / LATEST_FILE
+    try:
+        return f"{LATEST_FILE} still names {latest.read_text().strip()}"
+    except (OSError, UnicodeDecodeError):
+        return "no earlier checkpoint exists"
+
+
+def _save_failure(e: BaseException, where: Path) -> str:
+    """What went wrong in a save, in one line; a full file system is said as such (torch's zip
+    writer reports it as "unexpected pos ..." without the errno, so the free space is checked)."""
+    reason = str(e) if isinstance(e, GopdError) else describe_checkpoint_error(e)
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        free = None
+    chain, x = [], e
+    while x is not None:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    full = any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain)
+    if (full or (free is not None and free < _FULL_DISK_BYTES)) and "no space" not in reason:
+        reason = f"no space left on device ({free} bytes free): {reason}"
+    return reason
+
+
+# below this much free space a failed save is reported as a full disk
+_FULL_DISK_BYTES = 64 << 20
+
+
 def save_training_checkpoint(
     save: str | Path,
     step: int,
@@ -137,48 +179,92 @@ def save_training_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_dir: str | Path | None = None,
 ) -> Path:
-    """Collective over all ranks. ``model`` is the bare GPTModel chunk (not the DDP wrapper)."""
-    from megatron.core import dist_checkpointing
+    """Collective over all ranks. ``model`` is the bare GPTModel chunk (not the DDP wrapper).
 
+    ``latest`` moves only onto a complete checkpoint of finite weights: non-finite weights are
+    refused before anything is written, and a save that fails (a full disk, an I/O error) removes
+    its partial directory and raises one :class:`GopdError` on every rank, leaving ``latest`` where
+    it was. The checksums of every file are written last (:mod:`megatron_gopd.models.checksums`).
+    """
     save = Path(save)
     final = iteration_dir(save, step)
     tmp = save / f".{final.name}.tmp"
+    bad = _non_finite_weight(model)
+    parallel.raise_any_rank_error(
+        f"not saving step {step}: the student's weights are not finite ({bad} holds NaN or "
+        f"inf); {_latest_of(save)}"
+        if bad
+        else None
+    )
+    try:
+        _write_training_checkpoint(tmp, model, optimizer, meta, trainer_state, tokenizer_dir, step)
+    except (Exception, CheckpointException) as e:
+        reason = _save_failure(e, tmp)
+        if parallel.is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise GopdError(
+            f"cannot save the checkpoint of step {step} in {save}: {reason}; {_latest_of(save)}"
+        ) from None
+    error = None
     if parallel.is_rank0():
-        save.mkdir(parents=True, exist_ok=True)
-        for stale in save.glob(".iter_*.tmp"):  # left by an interrupted save
-            shutil.rmtree(stale, ignore_errors=True)
-        (tmp / MODEL_SUBDIR).mkdir(parents=True)
-        (tmp / OPTIM_SUBDIR).mkdir()
-        (tmp / RNG_SUBDIR).mkdir()
-    parallel.barrier()
+        try:
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = save / f".{LATEST_FILE}.tmp"
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, save / LATEST_FILE)
+        except OSError as e:
+            error = (
+                f"cannot publish the checkpoint of step {step} in {save}: "
+                f"{_save_failure(e, save)}; {_latest_of(save)}"
+            )
+    parallel.raise_any_rank_error(error)  # also the barrier after the rename
+    return final
+
+
+def _write_training_checkpoint(tmp, model, optimizer, meta, trainer_state, tokenizer_dir, step):
+    """Everything of a checkpoint into ``tmp``, checksums last. Collective; every failure is
+    raised on every rank."""
+    from megatron.core import dist_checkpointing
+
+    save = tmp.parent
+    error = None
+    if parallel.is_rank0():
+        try:
+            save.mkdir(parents=True, exist_ok=True)
+            for stale in save.glob(".iter_*.tmp"):  # left by an interrupted save
+                shutil.rmtree(stale, ignore_errors=True)
+            (tmp / MODEL_SUBDIR).mkdir(parents=True)
+            (tmp / OPTIM_SUBDIR).mkdir()
+            (tmp / RNG_SUBDIR).mkdir()
+        except OSError as e:
+            error = f"cannot create {tmp}: {e.strerror or e}"
+    parallel.raise_any_rank_error(error)
     model_sd = model.sharded_state_dict()
     dist_checkpointing.save(model_sd, str(tmp / MODEL_SUBDIR))
     dist_checkpointing.save(
         optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIM_METADATA),
         str(tmp / OPTIM_SUBDIR),
     )
-    torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{parallel.rank():05d}.pt")
-    if parallel.is_rank0():
-        (tmp / META_FILE).write_text(meta.to_json())
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_SUBDIR, dirs_exist_ok=True)
-        state = dict(
-            trainer_state,
-            step=step,
-            adam_step=_adam_step(optimizer),
-            world_size=parallel.world_size(),
-        )
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-    parallel.barrier()
-    if parallel.is_rank0():
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = save / f".{LATEST_FILE}.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, save / LATEST_FILE)
-    parallel.barrier()
-    return final
+    error = None
+    try:
+        torch.save(_rng_state(), tmp / RNG_SUBDIR / f"rank_{parallel.rank():05d}.pt")
+        if parallel.is_rank0():
+            (tmp / META_FILE).write_text(meta.to_json())
+            if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+                shutil.copytree(tokenizer_dir, tmp / TOKENIZER_SUBDIR, dirs_exist_ok=True)
+            state = dict(
+                trainer_state,
+                step=step,
+                adam_step=_adam_step(optimizer),
+                world_size=parallel.world_size(),
+            )
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        error = _save_failure(e, tmp)
+    parallel.raise_any_rank_error(error)
+    write_checksums(tmp)
 
 
 def _materialize_torch_adam_state(optimizer) -> None:
@@ -242,9 +328,20 @@ def _restore_adam_steps(optimizer, step: float | None) -> None:
                 )
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step")
+        return state
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise GopdError(f"{path} is damaged ({e}): cannot resume from it") from None
+
+
 def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG; return the trainer state (step, scheduler,
-    data position). Collective over all ranks."""
+    data position). Collective over all ranks. Every file is first checked against the checksums
+    written at save; any damage is one :class:`GopdError` naming the file."""
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint(load)
@@ -254,24 +351,33 @@ def load_training_checkpoint(load: str | Path, *, model, optimizer) -> dict[str,
             f"{ckpt} is a model checkpoint, not a training checkpoint (no {STATE_FILE} / "
             f"{OPTIM_SUBDIR}/): use it as --student-load to start a new run from its weights"
         )
-    state = json.loads(state_file.read_text())
-    load_model_weights(model, ckpt)
+    verify_checksums(ckpt)
+    state = _read_state(state_file)
+    load_model_weights(model, ckpt, verify=False)
     _materialize_torch_adam_state(optimizer)
     opt_sd = optimizer.sharded_state_dict(
         model.sharded_state_dict(), is_loading=True, metadata=OPTIM_METADATA
     )
     try:
         loaded = dist_checkpointing.load(opt_sd, str(ckpt / OPTIM_SUBDIR))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise GopdError(
-            f"cannot load the optimizer state from {ckpt}: {str(e).splitlines()[0]}"
+            f"cannot load the optimizer state from {ckpt / OPTIM_SUBDIR}: "
+            f"{describe_checkpoint_error(e)}"
         ) from e
     optimizer.load_state_dict(loaded)
     _restore_adam_steps(optimizer, state.get("adam_step"))
     rng_file = ckpt / RNG_SUBDIR / f"rank_{parallel.rank():05d}.pt"
     world = parallel.world_size()
+    rng, error = None, None
     if rng_file.is_file() and state.get("world_size") == world:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except Exception as e:  # a damaged file: zip/pickle errors of every kind
+            error = f"{rng_file} is damaged ({describe_checkpoint_error(e)}): cannot resume"
+    parallel.raise_any_rank_error(error)
+    if rng is not None:
+        _set_rng_state(rng)
     elif parallel.is_rank0():
         log.warning(
             "RNG states not restored (saved with %s ranks, now %s)", state.get("world_size"), world

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ from megatron_gopd.trainer.rollout_side import RolloutConfig
 from megatron_gopd.trainer.routing import Routing
 from megatron_gopd.trainer.tracking import LogConfig
 from megatron_gopd.trainer.update import OptimConfig
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, read_text_file
 
 __all__ = [
     "EvalConfig",
@@ -60,6 +62,7 @@ __all__ = [
     "TrainConfig",
     "build_config",
     "build_parser",
+    "check_world",
     "parse_args",
 ]
 
@@ -81,7 +84,21 @@ class ModelsConfig:
     offload_frozen: bool = flag(
         False, help="keep teacher/reference weights in host memory between scoring passes"
     )
-    bf16: bool = flag(False, help="bf16 models (fp32 main params in the optimizer)")
+    bf16: bool = flag(
+        False,
+        help="bf16 models (fp32 main params in the optimizer; log-probs always from fp32 logits)",
+    )
+    teacher_temperature: float | None = flag(
+        None,
+        help="the teachers score log softmax(logits / T) at this T (the student is always scored "
+        "at the sampling temperature, which its rollouts come from)",
+        default_help="--rollout-temperature",
+    )
+    ref_temperature: float | None = flag(
+        None,
+        help="the reference scores log softmax(logits / T) at this T",
+        default_help="--rollout-temperature",
+    )
     transformer_impl: Literal["auto", "local", "te"] = flag(
         "auto",
         help="layer implementation: Transformer Engine when available (auto), or local",
@@ -100,7 +117,9 @@ class EvalConfig:
         "math",
         name="--eval-grader",
         help="how evaluation prompts' 'answer' is checked: math-verify on the last \\boxed{} "
-        "(math), or the whole response equal to the answer (exact)",
+        "(math), or the whole response equal to the answer (exact; both through the tokenizer's "
+        "encode + decode, so a tokenizer that decodes with spaces between pieces still matches; "
+        "surrounding whitespace ignored)",
     )
 
 
@@ -192,9 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     import yaml
 
     try:
-        data = yaml.safe_load(first.config.read_text()) or {}
-    except OSError as e:
-        raise GopdError(f"cannot read config {first.config}: {e.strerror}") from None
+        data = yaml.safe_load(read_text_file(first.config, "config")) or {}
     except yaml.YAMLError as e:
         raise GopdError(f"{first.config} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -229,6 +246,55 @@ def _from_args(cls, args: argparse.Namespace, **fields):
         raise
 
 
+# SGLang samples greedily (top_k = 1) below this temperature (its SamplingParams)
+_GREEDY_BELOW = 1e-6
+
+
+def _check_training_sampling(rollout: RolloutConfig) -> None:
+    """Training rollouts must be samples of the student's tempered distribution ``pi_T``, whose
+    log-probs the trainer computes over the whole vocabulary: no greedy decoding, no truncation
+    (top-p, top-k; SGLang's min-p is never sent). Evaluation (``gopd-eval``) may truncate."""
+    T = rollout.temperature
+    if not (math.isfinite(T) and T >= _GREEDY_BELOW):
+        raise GopdError(
+            f"--rollout-temperature {T}: training needs a finite temperature > 0 (SGLang decodes "
+            f"greedily below {_GREEDY_BELOW:g}, and greedy responses are not samples of the "
+            "student's distribution); the paper samples at 1.0"
+        )
+    if T != 1.0 and os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    ):
+        raise GopdError(
+            f"SGLANG_RETURN_ORIGINAL_LOGPROB is set: the rollout servers started from this "
+            f"environment report untempered log-probs, but the samples come from temperature {T} "
+            "and the trainer scores them there; unset it"
+        )
+    truncating = []
+    if rollout.top_p < 1.0:
+        truncating.append(f"--rollout-top-p {rollout.top_p}")
+    if rollout.top_k != -1:
+        truncating.append(f"--rollout-top-k {rollout.top_k}")
+    if truncating:
+        raise GopdError(
+            f"{' and '.join(truncating)} truncates the sampling distribution: training responses "
+            "must be samples of the student's full distribution at the sampling temperature, the "
+            "one the trainer scores and differentiates (a truncated sampler's tokens and "
+            "log-probs are of another distribution, and the policy gradient is biased); use "
+            "--rollout-top-p 1 --rollout-top-k -1 (gopd-eval may truncate)"
+        )
+
+
+def _temperature(name: str, value: float | None, rollout_temperature: float) -> float:
+    """A frozen role's scoring temperature: the rollout's unless given; finite and > 0."""
+    if value is None:
+        return rollout_temperature
+    if not (math.isfinite(value) and value > 0):
+        raise GopdError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Namespace -> TrainConfig, with every check that needs no file, model or server."""
     models = _from_args(ModelsConfig, args)
@@ -253,8 +319,21 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise GopdError("--rollout-engine external needs --rollout-urls")
     if rollout.rollout_batch_size < 1 or rollout.n_samples_per_prompt < 1:
         raise GopdError("--rollout-batch-size and --n-samples-per-prompt must be >= 1")
-    if rollout.temperature < 0:
-        raise GopdError("--rollout-temperature must be >= 0")
+    _check_training_sampling(rollout)
+    models = dataclasses.replace(
+        models,
+        teacher_temperature=_temperature(
+            "--teacher-temperature", models.teacher_temperature, rollout.temperature
+        ),
+        ref_temperature=_temperature(
+            "--ref-temperature", models.ref_temperature, rollout.temperature
+        ),
+    )
+    if rollout.max_response_len < 1:
+        raise GopdError(
+            f"--max-response-len must be >= 1 (got {rollout.max_response_len}: every response "
+            f"would be empty and the run would train on nothing)"
+        )
     loss = _from_args(GOPDLossConfig, args)
     cfg = _from_args(
         TrainConfig,
@@ -282,3 +361,36 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if cfg.eval.interval and not data.eval_prompt_data:
         raise GopdError("--eval-interval needs --eval-prompt-data")
     return dataclasses.replace(cfg, global_batch_size=gbs)
+
+
+def check_world(cfg: TrainConfig, world_size: int) -> None:
+    """The checks that need the number of processes (known once torch.distributed is up, before
+    any server or model starts): every update batch splits evenly over the data-parallel ranks.
+
+    Each data-parallel rank trains on ``global batch / DP`` samples; a remainder used to be
+    dropped silently (100 samples over 8 ranks trained on 96), and a batch smaller than DP left
+    ranks training on all-masked padding rows."""
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    gbs = cfg.global_batch_size
+    r = cfg.rollout
+    if cfg.global_batch_size == r.samples_per_step:
+        what = (
+            f"update batch of {gbs} samples (--rollout-batch-size {r.rollout_batch_size} x "
+            f"--n-samples-per-prompt {r.n_samples_per_prompt})"
+        )
+    else:
+        what = f"--global-batch-size {gbs}"
+    layout = (
+        f"{world_size} processes / (TP {cfg.parallel.tp} x PP {cfg.parallel.pp}); use a multiple "
+        f"of {dp} samples per update"
+    )
+    if gbs < dp:
+        raise GopdError(
+            f"the {what} is smaller than the {dp} data-parallel ranks ({layout}): some ranks "
+            f"would train on padding only"
+        )
+    if gbs % dp:
+        raise GopdError(
+            f"the {what} is not divisible by the {dp} data-parallel ranks: each update would train "
+            f"on {gbs - gbs % dp} and drop {gbs % dp} ({layout})"
+        )

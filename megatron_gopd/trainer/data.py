@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from megatron_gopd.flags import flag
-from megatron_gopd.utils import GopdError, json_object_line
+from megatron_gopd.utils import GopdError, json_object_line, read_text_file
 
 __all__ = ["DataConfig", "Prompt", "PromptDataset", "PromptIterator", "load_prompts"]
 
@@ -34,6 +34,13 @@ def _json_object(text: str) -> dict:
 
 
 _json_object.__name__ = "JSON object"  # argparse's "invalid JSON object value: ..."
+
+
+def _domain_list(value) -> tuple[str, ...]:
+    """``--domains math,code`` / ``--domains math code`` / YAML ``[math, code]`` or ``"math,code"``
+    -> ``("math", "code")``."""
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(d.strip() for item in items for d in str(item).split(",") if d.strip())
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,14 @@ class DataConfig:
     )
     max_prompt_len: int = flag(
         1024, help="longest prompt in tokens; a longer one is an error naming its line"
+    )
+    domains: tuple[str, ...] = flag(
+        (),
+        parse=_domain_list,
+        metavar="DOMAIN[,DOMAIN...]",
+        default_help="every domain of the prompt data",
+        help="keep only the prompts of these domains (training and evaluation prompts), e.g. "
+        "--domains math,code",
     )
     tokenizer: str | None = flag(
         None,
@@ -109,27 +124,35 @@ def load_prompts(
     known_domains: set[str] | None = None,
     max_prompt_len: int | None = None,
     chat_template_kwargs: dict | None = None,
+    keep_domains: tuple[str, ...] = (),
+    require_kept_domains: bool = True,
+    skipped: dict[str, int] | None = None,
 ) -> list[Prompt]:
     """Read and tokenize a prompt jsonl; one clear error (with the line number) per problem.
 
     ``known_domains``: the domains that have a teacher; ``None`` accepts any domain (single
-    teacher). Prompts longer than ``max_prompt_len`` tokens are an error here, where the user can
+    teacher). ``keep_domains``: when given, the lines of other domains are skipped (and not
+    checked beyond being valid JSON objects), counted per domain in ``skipped``; each kept domain
+    must have prompts unless ``require_kept_domains`` is False (a typo in ``--domains`` is an
+    error). Prompts longer than ``max_prompt_len`` tokens are an error here, where the user can
     still fix the data, rather than a silent skip later.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise GopdError(f"cannot read prompt data {path}: {e.strerror}") from None
-    lines = text.split("\n")
+    lines = read_text_file(path, "prompt data").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
     out: list[Prompt] = []
+    seen: set[str] = set()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             raise GopdError(f"{path}:{lineno}: empty line")
         rec = _parse_line(path, lineno, line)
         domain = rec.get("domain", DEFAULT_DOMAIN)
+        seen.add(domain)
+        if keep_domains and domain not in keep_domains:
+            if skipped is not None:
+                skipped[domain] = skipped.get(domain, 0) + 1
+            continue
         if known_domains is not None and domain not in known_domains:
             raise GopdError(
                 f"{path}:{lineno}: domain {domain!r} has no teacher (teachers: "
@@ -149,6 +172,12 @@ def load_prompts(
             )
         meta = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "domain")}
         out.append(Prompt(index=len(out), prompt_ids=ids, domain=domain, metadata=meta))
+    absent = [d for d in keep_domains if d not in seen]
+    if absent and (require_kept_domains or not out):
+        raise GopdError(
+            f"--domains names {absent[0]!r}, which no prompt of {path} has (its domains: "
+            f"{', '.join(sorted(seen)) or 'none'})"
+        )
     if not out:
         raise GopdError(f"prompt data {path} is empty")
     return out

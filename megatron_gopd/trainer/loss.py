@@ -1,12 +1,34 @@
-"""The G-OPD loss as a megatron-core loss function: vocab-parallel logits in, ``(loss, n, report)`` out.
+"""The G-OPD loss as a megatron-core loss function: the student's logits in, ``(loss, n, report)`` out.
 
-The trainer calls :func:`gopd_loss` inside the ``loss_func`` that its forward step returns::
+The trainer calls :func:`gopd_loss` inside the ``loss_func`` that its forward step returns, on the
+student's final hidden states (the model stops before its output layer) and output weight: the
+logits are then made in fp32, one chunk of tokens at a time, and never materialised for the whole
+micro-batch (:mod:`megatron_gopd.vocab_parallel.output_layer`)::
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)                                   # RolloutBatch on the device
-        logits_BSV = model(mb.tokens_BS, position_ids, None)       # [B, S, V_padded / TP]
-        return logits_BSV, partial(gopd_loss, mb=mb, cfg=cfg, tp_group=tp_group,
-                                   vocab_size=arch.vocab_size)
+        with final_hidden_states(model):
+            hidden_SBH = model(mb.tokens_BS, position_ids, None)   # [S, B, H]
+        def loss_func(hidden_SBH):
+            student = OutputLayer(output_rows(model, hidden_SBH, grad=True), output_weight(model),
+                                  arch.vocab_size, temperature=T)
+            return gopd_loss(student, mb, cfg, tp_group=tp_group)
+        return hidden_SBH, loss_func
+
+(``[B, S, V_padded / TP]`` logits, e.g. a GPTModel's own, are accepted too.)
+
+Temperature. The rollout engine samples ``y_t ~ pi_T = softmax(z_t / T)`` and reports
+``log pi_T(y_t)``. The policy the student follows is therefore ``pi_T``, and every student term
+here is of ``pi_T`` (the output layer divides its logits by ``T``): the advantage's
+``log pi_theta``, the IS ratio against the engine's log-prob (like with like), the entropy. The
+sampled estimator's ``A_t grad log pi_T(y_t)`` is unbiased for ``grad E_{y ~ pi_T}[A(y)]`` because
+``y_t`` is drawn from ``pi_T`` itself; a sampler that truncates the distribution (top-p, top-k,
+min-p) draws from another one, which is why the trainer refuses it. With respect to the logits,
+``d log pi_T(y) / d z = (e_y - pi_T) / T``: at ``T < 1`` the gradient reaching the untempered
+logits is ``1 / T`` times that of the same sample under ``pi_1``, as it must be for the tempered
+objective. The teacher and the reference are scored at the same ``T`` by default (the G-OPD reward
+of the tempered student against the equally tempered teacher); ``--teacher-temperature`` and
+``--ref-temperature`` set theirs apart.
 
 Contract with megatron-core (``config.calculate_per_token_loss=True``): the schedule back-propagates
 the returned ``loss`` unscaled, sums ``num_tokens`` over micro-batches, and
@@ -48,7 +70,17 @@ from megatron_gopd.gopd import (
 )
 from megatron_gopd.gopd.metrics import build_report
 from megatron_gopd.types import RolloutBatch
-from megatron_gopd.vocab_parallel import vocab_parallel_gopd_objective, vocab_parallel_logprobs
+from megatron_gopd.vocab_parallel import (
+    GOPDObjective,
+    vocab_parallel_gopd_objective,
+    vocab_parallel_logprobs,
+)
+from megatron_gopd.vocab_parallel.output_layer import (
+    FrozenLogits,
+    OutputLayer,
+    output_layer_gopd_objective,
+    output_layer_logprobs,
+)
 
 __all__ = ["gopd_loss"]
 
@@ -56,27 +88,32 @@ Report = dict[str, torch.Tensor]
 
 
 def gopd_loss(
-    logits_BSV: torch.Tensor,
+    logits_BSV: torch.Tensor | OutputLayer,
     mb: RolloutBatch,
     cfg: GOPDLossConfig,
     *,
     tp_group=None,
     vocab_size: int | None = None,
-    teacher_logits_BSV: torch.Tensor | None = None,
-    ref_logits_BSV: torch.Tensor | None = None,
+    teacher_logits_BSV: torch.Tensor | FrozenLogits | None = None,
+    ref_logits_BSV: torch.Tensor | FrozenLogits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Report]:
     """The student's G-OPD loss for one micro-batch, in megatron-core's per-token-loss contract.
 
     Args:
-        logits_BSV: ``[B, S, V_padded / TP]`` the student's vocab-parallel logits (GPTModel with
-            ``parallel_output=True``); position ``j`` predicts ``mb.tokens_BS[:, j + 1]``. With
-            the sampled estimator and fp32 logits they are overwritten (softmax, then gradient)
-            like megatron-core's cross-entropy does: do not read them after this call.
+        logits_BSV: the student's logits, either ``[B, S, V_padded / TP]`` vocab-parallel logits
+            (GPTModel with ``parallel_output=True``; position ``j`` predicts
+            ``mb.tokens_BS[:, j + 1]``; with the sampled estimator and fp32 logits they are
+            overwritten, softmax then gradient, like megatron-core's cross-entropy does: do not
+            read them after this call), or the student's :class:`OutputLayer` (its final hidden
+            states, one row per ``(b, s)``, and output weight at the sampling temperature): the
+            trainer's path, fp32 logits chunk by chunk, never all at once.
         mb: the micro-batch (``RolloutBatch`` on the logits' device).
         cfg: the loss configuration.
         tp_group: the tensor-parallel group the vocabulary is split over (None: TP = 1).
-        vocab_size: real vocabulary size; logits columns beyond it (padding) are ignored.
-        teacher_logits_BSV: the teacher's logits, same partition (``full_vocab`` / ``top_k``).
+        vocab_size: real vocabulary size; logits columns beyond it (padding) are ignored (an
+            :class:`OutputLayer` carries its own).
+        teacher_logits_BSV: the teacher's logits, same partition (``full_vocab`` / ``top_k``):
+            a tensor like ``logits_BSV``, or :class:`FrozenLogits` with an :class:`OutputLayer`.
         ref_logits_BSV: the reference's logits (``full_vocab`` / ``top_k`` with lambda != 1).
 
     Returns:
@@ -86,40 +123,38 @@ def gopd_loss(
     labels_BS = shift_labels(mb.tokens_BS)
     mask_BS = label_mask(mb.response_mask_BS)
     lam_B = mb.lam_B.float()
-    if logits_BSV.shape[:2] != labels_BS.shape:
+    if isinstance(logits_BSV, OutputLayer):
+        if logits_BSV.hidden.shape[0] != labels_BS.numel():
+            raise ValueError(
+                f"{logits_BSV.hidden.shape[0]} hidden rows do not match tokens "
+                f"{tuple(labels_BS.shape)}"
+            )
+    elif logits_BSV.shape[:2] != labels_BS.shape:
         raise ValueError(
             f"logits {tuple(logits_BSV.shape)} do not match tokens {tuple(labels_BS.shape)}"
         )
     if cfg.tis_cap is not None and mb.rollout_logprobs_BS is None:
         raise ValueError("tis_cap is set but the batch has no rollout log-probs")
+    if cfg.estimator != "sampled" and teacher_logits_BSV is None:
+        raise ValueError(f"estimator {cfg.estimator!r} needs the teacher's logits")
 
-    chunk = cfg.chunk_elements_for(logits_BSV.device)
     extra: dict[str, torch.Tensor] = {}
-    if cfg.estimator == "sampled":
-        logp_BS, entropy_BS = vocab_parallel_logprobs(
-            logits_BSV,
-            labels_BS,
-            tp_group,
-            vocab_size=vocab_size,
-            with_entropy=True,
-            chunk_elements=chunk,
-            overwrite_logits=True,  # the logits' only reader: Megatron CE's memory footprint
+    if isinstance(logits_BSV, OutputLayer):
+        logp_BS, entropy_BS, obj = _from_output_layer(
+            logits_BSV, labels_BS, lam_B, cfg, tp_group, teacher_logits_BSV, ref_logits_BSV
         )
     else:
-        if teacher_logits_BSV is None:
-            raise ValueError(f"estimator {cfg.estimator!r} needs the teacher's logits")
-        obj = vocab_parallel_gopd_objective(
+        logp_BS, entropy_BS, obj = _from_logits(
             logits_BSV,
-            teacher_logits_BSV,
             labels_BS,
-            lam_B.unsqueeze(-1),
+            lam_B,
+            cfg,
             tp_group,
-            ref_logits=ref_logits_BSV,
-            vocab_size=vocab_size,
-            top_k=cfg.top_k if cfg.estimator == "top_k" else None,
-            chunk_elements=chunk,
+            vocab_size,
+            teacher_logits_BSV,
+            ref_logits_BSV,
         )
-        logp_BS, entropy_BS = obj.student_logprobs, obj.entropy
+    if obj is not None:
         extra["kl_teacher_exact" if cfg.estimator == "full_vocab" else "kl_teacher_topk"] = (
             obj.kl_teacher
         )
@@ -164,6 +199,59 @@ def gopd_loss(
         row_masks=dict.fromkeys(("implicit_reward", "kl_ref"), lam_B != 1.0),
     )
     return loss, num_tokens, report
+
+
+def _from_logits(logits_BSV, labels_BS, lam_B, cfg, tp_group, vocab_size, teacher, ref):
+    """(log-prob, entropy, objective or None) of the sampled tokens from materialised logits."""
+    chunk = cfg.chunk_elements_for(logits_BSV.device)
+    if cfg.estimator == "sampled":
+        logp_BS, entropy_BS = vocab_parallel_logprobs(
+            logits_BSV,
+            labels_BS,
+            tp_group,
+            vocab_size=vocab_size,
+            with_entropy=True,
+            chunk_elements=chunk,
+            overwrite_logits=True,  # the logits' only reader: Megatron CE's memory footprint
+        )
+        return logp_BS, entropy_BS, None
+    obj = vocab_parallel_gopd_objective(
+        logits_BSV,
+        teacher,
+        labels_BS,
+        lam_B.unsqueeze(-1),
+        tp_group,
+        ref_logits=ref,
+        vocab_size=vocab_size,
+        top_k=cfg.top_k if cfg.estimator == "top_k" else None,
+        chunk_elements=chunk,
+    )
+    return obj.student_logprobs, obj.entropy, obj
+
+
+def _from_output_layer(student, labels_BS, lam_B, cfg, tp_group, teacher, ref):
+    """The same from the student's output layer, fp32 logits one chunk of tokens at a time."""
+    shape = labels_BS.shape
+    chunk = cfg.chunk_elements_for(student.hidden.device)
+    if cfg.estimator == "sampled":
+        lp, ent = output_layer_logprobs(
+            student, labels_BS.reshape(-1), tp_group, with_entropy=True, chunk_elements=chunk
+        )
+        return lp.view(shape), ent.view(shape), None
+    if not isinstance(teacher, FrozenLogits) or not (ref is None or isinstance(ref, FrozenLogits)):
+        raise ValueError("an OutputLayer student needs FrozenLogits for the teacher and reference")
+    obj = output_layer_gopd_objective(
+        student,
+        teacher,
+        labels_BS.reshape(-1),
+        lam_B.unsqueeze(-1).expand(shape).reshape(-1),
+        tp_group,
+        ref=ref,
+        top_k=cfg.top_k if cfg.estimator == "top_k" else None,
+        chunk_elements=chunk,
+    )
+    obj = GOPDObjective(*(o.view(shape) for o in obj))
+    return obj.student_logprobs, obj.entropy, obj
 
 
 def _fdiv_advantages(

@@ -9,16 +9,20 @@ left waiting in a collective.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_gopd import parallel
 from megatron_gopd.models.build import check_vocab_compatible
 from megatron_gopd.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.trainer.data import DEFAULT_DOMAIN, Prompt, load_prompts
 from megatron_gopd.trainer.routing import DomainRouting
-from megatron_gopd.utils import GopdError
+from megatron_gopd.utils import GopdError, check_writable, get_logger
 
-__all__ = ["Inputs", "load_tokenizer", "validate_inputs"]
+__all__ = ["Inputs", "describe_domains", "load_tokenizer", "validate_inputs"]
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -49,16 +53,27 @@ def load_tokenizer(cfg):
 
 
 def validate_inputs(cfg, tokenizer) -> Inputs:
-    """Checkpoints exist and share the student's vocabulary, a reference exists where lambda != 1,
-    the prompt data parses, and the estimator fits the layout."""
+    """The outputs can be written, checkpoints exist and share the student's vocabulary, a
+    reference exists where lambda != 1, the prompt data parses, and the estimator fits the
+    layout."""
+    for flag, path in (
+        ("--save", cfg.checkpoint.save),
+        ("--tensorboard-dir", cfg.log.tensorboard_dir),
+        ("--wandb-save-dir", cfg.log.wandb_save_dir),
+    ):
+        if path:
+            check_writable(path, flag, directory=True)
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
     teachers = cfg.routing.teachers
     for key, path in teachers.items():
         arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
         name = f"teacher ({key})" if key != DEFAULT_DOMAIN else "teacher"
         check_vocab_compatible(student, arch, name)
+        _check_logits_comparable(cfg, student, arch, name)
 
-    def load(path):
+    skipped: dict[str, int] = {}
+
+    def load(path, training):
         return load_prompts(
             path,
             tokenizer,
@@ -66,19 +81,80 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
             known_domains=cfg.routing.teacher_domains,
             max_prompt_len=cfg.data.max_prompt_len,
             chat_template_kwargs=cfg.data.chat_template_kwargs,
+            keep_domains=cfg.data.domains,
+            require_kept_domains=training,
+            skipped=skipped if training else None,
         )
 
-    prompts = load(cfg.data.prompt_data)
-    eval_prompts = load(cfg.data.eval_prompt_data) if cfg.data.eval_prompt_data else None
+    prompts = load(cfg.data.prompt_data, True)
+    eval_prompts = load(cfg.data.eval_prompt_data, False) if cfg.data.eval_prompt_data else None
     routing = cfg.routing.resolve(p.domain for p in [*prompts, *(eval_prompts or [])])
     for d in routing.domains:
         key = routing[d].reference
         if key is not None:
             arch = read_checkpoint_meta(resolve_checkpoint(cfg.routing.references[key])).arch
             check_vocab_compatible(student, arch, f"reference ({d})")
+            _check_logits_comparable(cfg, student, arch, f"reference ({d})")
+    if parallel.is_rank0():
+        for line in describe_domains(cfg, routing, prompts, eval_prompts, skipped):
+            log.info("%s", line)
     if cfg.loss.estimator != "sampled" and cfg.parallel.pp > 1:
         raise GopdError(
             f"--gopd-estimator {cfg.loss.estimator} needs the frozen roles' logits at the "
             f"student's last stage: use --pipeline-model-parallel-size 1"
         )
     return Inputs(prompts, eval_prompts, routing)
+
+
+def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int]) -> list[str]:
+    """What the run does with each domain, for the start-up log: its prompt counts, teacher,
+    lambda and reference, so that mixed data routed to one teacher is said, not silent."""
+    train = Counter(p.domain for p in prompts)
+    evals = Counter(p.domain for p in eval_prompts or [])
+    domains = routing.domains
+    head = f"{len(domains)} domain{'s' if len(domains) != 1 else ''} ({', '.join(domains)})"
+    if list(cfg.routing.teachers) == [DEFAULT_DOMAIN] and len(domains) > 1:
+        head += (
+            "; one teacher (--teacher-load PATH) scores all of them: name one per domain with "
+            "--teacher-load DOMAIN=PATH, or keep some with --domains"
+        )
+    lines = [head]
+    for d in domains:
+        route = routing[d]
+        ref = route.reference
+        counts = f"{train[d]} training" + (f" / {evals[d]} evaluation" if eval_prompts else "")
+        lines.append(
+            f"  {d}: {counts} prompts -> teacher {cfg.routing.teachers[route.teacher]}, "
+            f"lambda {route.lam:g}, "
+            + (f"reference {cfg.routing.references[ref]}" if ref else "no reference")
+        )
+    if skipped:
+        dropped = ", ".join(f"{d} ({n})" for d, n in sorted(skipped.items()))
+        lines.append(f"  --domains {','.join(cfg.data.domains)}: skipped the prompts of {dropped}")
+    return lines
+
+
+def _check_logits_comparable(cfg, student, other, name: str) -> None:
+    """The full-vocabulary and top-k estimators read the teacher's and reference's logits next to
+    the student's, column by column on each tensor-parallel rank's vocabulary slice: the three
+    must be padded to one size (the same slices), and a frozen role must have a row for every
+    token the student can produce (it may have more: its softmax runs over its own rows)."""
+    est = cfg.loss.estimator
+    if est == "sampled":
+        return
+    if other.padded_vocab_size != student.padded_vocab_size:
+        raise GopdError(
+            f"--gopd-estimator {est} reads the {name}'s logits next to the student's on the same "
+            f"vocabulary slice of every tensor-parallel rank, but the {name}'s vocabulary is "
+            f"padded to {other.padded_vocab_size} rows and the student's to "
+            f"{student.padded_vocab_size}: convert both with the same "
+            "--make-vocab-size-divisible-by (the default, 1024, pads e.g. 151936 and 152064 "
+            "rows alike), or use --gopd-estimator sampled"
+        )
+    if other.vocab_size < student.vocab_size:
+        raise GopdError(
+            f"--gopd-estimator {est}: the {name} has {other.vocab_size} vocabulary rows, fewer "
+            f"than the student's {student.vocab_size}, so it gives no probability to tokens the "
+            "student can produce and the full-vocabulary KL is infinite; use --gopd-estimator "
+            "sampled"
+        )

@@ -8,6 +8,8 @@ Launched servers (``--rollout-engine sglang|cpu``) need a Hugging Face directory
 student's weights *as the trainer holds them* (initial or resumed) are exported to
 ``SAVE/rollout/init_hf`` first (collective gather, rank 0 writes), so a resumed run's servers start
 from the resumed weights. Attached servers (``external``) get those weights by the first push.
+Without ``--save`` the rollout files go to a temporary directory (``TMPDIR``), removed at the end,
+never into the current directory.
 
 **Which transport** (``--weight-sync auto``): colocated servers (``--rollout-colocate``) share GPUs
 with trainer ranks, and NCCL refuses two ranks of one communicator on one GPU, so they take the
@@ -29,7 +31,10 @@ sets the first). Keys never go into the config, the logs or a command line.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,10 +59,22 @@ class RolloutConfig:
     rollout_batch_size: int = flag(32, help="prompts per training step")
     n_samples_per_prompt: int = flag(4, help="responses sampled per prompt")
     temperature: float = flag(
-        1.0, name="--rollout-temperature", help="sampling temperature (the paper: 1.0)"
+        1.0,
+        name="--rollout-temperature",
+        help="sampling temperature T (the paper: 1.0); the student is trained, and the teacher "
+        "and reference scored, on softmax(logits / T)",
     )
-    top_p: float = flag(1.0, name="--rollout-top-p", help="nucleus sampling mass (1: off)")
-    top_k: int = flag(-1, name="--rollout-top-k", help="sample among the k likeliest (-1: off)")
+    top_p: float = flag(
+        1.0,
+        name="--rollout-top-p",
+        help="nucleus sampling mass; training refuses anything but 1 (samples must come from the "
+        "full distribution the trainer scores)",
+    )
+    top_k: int = flag(
+        -1,
+        name="--rollout-top-k",
+        help="sample among the k likeliest; training refuses anything but -1 (off)",
+    )
     max_response_len: int = flag(1024, help="longest response in tokens (longer: truncated)")
     engine: Literal["sglang", "cpu", "external"] = flag(
         "sglang",
@@ -163,7 +180,7 @@ class RolloutSide:
         # CPU backup they are garbage, so the next rollout needs a push first); every rank knows
         self._weights_released = False
         r = cfg.rollout
-        self.workdir = (cfg.run_dir or Path(".")) / "rollout"
+        self._workdir: Path | None = None
         stop = tuple(
             t
             for t in {tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)}
@@ -178,6 +195,21 @@ class RolloutSide:
             max_new_tokens=r.max_response_len,
             stop_token_ids=stop[:1],
         )
+
+    @property
+    def workdir(self) -> Path:
+        """``SAVE/rollout``; without ``--save`` a temporary directory, made on first use and
+        removed at the end (only global rank 0 writes rollout files)."""
+        if self._workdir is None:
+            if self.cfg.run_dir is not None:
+                self._workdir = self.cfg.run_dir / "rollout"
+            elif parallel.is_rank0():
+                self._workdir = Path(tempfile.mkdtemp(prefix="gopd-rollout-"))
+                atexit.register(shutil.rmtree, self._workdir, ignore_errors=True)
+                log.info("no --save: rollout files go to %s (removed at the end)", self._workdir)
+            else:
+                self._workdir = Path(tempfile.gettempdir()) / "gopd-rollout-of-rank-0"
+        return self._workdir
 
     @property
     def colocated(self) -> bool:
@@ -305,6 +337,8 @@ class RolloutSide:
                     enable_memory_saver=r.sglang_enable_memory_saver,
                     random_seed=self.cfg.seed,
                     deterministic=r.sglang_enable_deterministic_inference,
+                    # the trainer's log-probs come from fp32 logits: so do the engine's
+                    fp32_lm_head=True,
                     log_dir=str(self.workdir / "logs"),
                     auth=self.auth,
                 )
@@ -408,6 +442,8 @@ class RolloutSide:
             self.syncer.close()
         if self.servers is not None and parallel.is_rank0():
             self.servers.stop()
+        if self.cfg.run_dir is None and self._workdir is not None and parallel.is_rank0():
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def make_rollout(cfg, tokenizer) -> RolloutSide:

@@ -16,6 +16,7 @@ forward pass is never run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -93,9 +94,9 @@ class Routing:
         if not self.teachers:
             raise GopdError("--teacher-load is required (DOMAIN=PATH per domain for multi-teacher)")
         for d, lam in self.lambdas.items():
-            if not lam >= 0.0:  # also rejects NaN
+            if not (math.isfinite(lam) and lam >= 0.0):  # NaN and inf too
                 raise GopdError(
-                    f"--gopd-lambda {d}={lam}: lambda must be >= 0 (1 = OPD, >1 = ExOPD)"
+                    f"--gopd-lambda {d}={lam}: lambda must be finite and >= 0 (1 = OPD, >1 = ExOPD)"
                 )
         for d in self.lambdas:
             if (

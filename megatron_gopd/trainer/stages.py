@@ -16,6 +16,7 @@ its share. Tensor/pipeline-parallel ranks of a replica see the same samples.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 from collections import defaultdict
@@ -27,11 +28,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_gopd import parallel
-from megatron_gopd.models.build import RoleModel, build_role
+from megatron_gopd.models.build import (
+    RoleModel,
+    build_role,
+    final_hidden_states,
+    output_rows,
+    output_weight,
+)
 from megatron_gopd.models.checkpoint import CheckpointMeta, read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.scoring import score_sequences
 from megatron_gopd.trainer import checkpointing
-from megatron_gopd.trainer.config import TrainConfig
+from megatron_gopd.trainer.config import TrainConfig, check_world
 from megatron_gopd.trainer.data import Prompt, PromptDataset, PromptIterator
 from megatron_gopd.trainer.preflight import load_tokenizer, validate_inputs
 from megatron_gopd.trainer.tracking import (
@@ -43,6 +50,7 @@ from megatron_gopd.trainer.tracking import (
 from megatron_gopd.trainer.update import build_optimizer, collate, train_step
 from megatron_gopd.types import Sample
 from megatron_gopd.utils import GopdError, get_logger
+from megatron_gopd.vocab_parallel.output_layer import FrozenLogits, OutputLayer
 
 __all__ = ["GOPDTrainer", "RoleScores", "StepCounts"]
 
@@ -84,6 +92,7 @@ class GOPDTrainer:
         self.routing = inputs.routing  # domain -> teacher, reference or none, lambda
         # the rollout servers are checked (rank 0) before any model is built
         parallel.initialize(cfg.parallel, seed=cfg.seed)
+        check_world(cfg, parallel.world_size())
         self.rollout = rollout_factory(cfg, self.tokenizer)
         self.rollout.check_reachable()
 
@@ -99,7 +108,7 @@ class GOPDTrainer:
                 path,
                 frozen=frozen,
                 params_dtype=dtype,
-                offload=cfg.models.offload_frozen,
+                offload=frozen and cfg.models.offload_frozen,  # the student stays put
                 spec=cfg.models.transformer_impl,
                 seed=cfg.seed,
                 sequence_parallel=cfg.parallel.sequence_parallel,
@@ -131,6 +140,7 @@ class GOPDTrainer:
         self.data = PromptIterator(PromptDataset(inputs.prompts), seed=cfg.seed)
         self.eval_prompts = inputs.eval_prompts
         self.start_step = 0
+        self.skipped_updates = 0
         load = cfg.checkpoint.load
         if (
             load
@@ -150,6 +160,7 @@ class GOPDTrainer:
             self.opt.scheduler.load_state_dict(state["scheduler"])
             self.data.load_state_dict(state["data"])
             self.start_step = int(state["step"])
+            self.skipped_updates = int(state.get("skipped_updates", 0))
             if parallel.is_rank0():
                 log.info("resumed from %s at step %d", load, self.start_step)
         self._stop = False
@@ -197,10 +208,16 @@ class GOPDTrainer:
         )
         return self._my_share(samples)
 
-    def _response_logprobs(self, role: RoleModel, samples: list[Sample]) -> list[torch.Tensor]:
-        """``role``'s log-probs of each sample's response tokens (samples with a response)."""
+    def _response_logprobs(
+        self, role: RoleModel, samples: list[Sample], temperature: float
+    ) -> list[torch.Tensor]:
+        """``role``'s log-probs at ``temperature`` of each sample's response tokens (samples with
+        a response)."""
         lps = score_sequences(
-            role, [s.tokens for s in samples], micro_batch_size=self.cfg.micro_batch_size
+            role,
+            [s.tokens for s in samples],
+            micro_batch_size=self.cfg.micro_batch_size,
+            temperature=temperature,
         )
         return [
             lp[len(s.prompt_ids) - 1 : len(s.prompt_ids) - 1 + s.response_len]
@@ -212,6 +229,7 @@ class GOPDTrainer:
         samples: list[Sample],
         key_of: Callable[[Sample], str | None],
         roles: dict[str, RoleModel],
+        temperature: float,
     ) -> RoleScores:
         """Each sample scored by the role ``key_of(sample)`` names (None: not scored), one role
         after the other, so that a role's forward passes see only its own samples."""
@@ -223,13 +241,20 @@ class GOPDTrainer:
         out: list[torch.Tensor | None] = [None] * len(samples)
         for k in sorted(groups):
             mine = [samples[i] for i in groups[k]]
-            for i, lp in zip(groups[k], self._response_logprobs(roles[k], mine), strict=True):
+            lps = self._response_logprobs(roles[k], mine, temperature)
+            for i, lp in zip(groups[k], lps, strict=True):
                 out[i] = lp
         return RoleScores(out, sum(len(g) for g in groups.values()))
 
     def score_teachers(self, samples: list[Sample]) -> RoleScores:
-        """log pi*(y_t) of every response token, from the teacher of the sample's domain."""
-        scores = self._score(samples, lambda s: self.routing[s.domain].teacher, self.teachers)
+        """log pi*(y_t) of every response token, from the teacher of the sample's domain, at the
+        teachers' temperature (by default the sampling temperature)."""
+        scores = self._score(
+            samples,
+            lambda s: self.routing[s.domain].teacher,
+            self.teachers,
+            self.cfg.models.teacher_temperature,
+        )
         for s, lp in zip(samples, scores.logprobs_T, strict=True):
             if lp is not None:
                 s.teacher_logprobs_T = lp
@@ -241,7 +266,12 @@ class GOPDTrainer:
         reference term (lambda - 1) * (...) is zero and their reference is never run."""
         if not self.routing.needs_reference:
             return RoleScores([None] * len(samples), 0)
-        scores = self._score(samples, lambda s: self.routing[s.domain].reference, self.refs)
+        scores = self._score(
+            samples,
+            lambda s: self.routing[s.domain].reference,
+            self.refs,
+            self.cfg.models.ref_temperature,
+        )
         for s, lp in zip(samples, scores.logprobs_T, strict=True):
             # lambda == 1 for its domain (or no response): a placeholder the loss multiplies by 0
             s.ref_logprobs_T = lp if lp is not None else torch.zeros(s.response_len)
@@ -249,10 +279,27 @@ class GOPDTrainer:
         return scores
 
     def update(self, samples: list[Sample]) -> dict[str, float]:
+        with contextlib.ExitStack() as held:
+            if self.cfg.loss.estimator != "sampled":
+                # the full-vocabulary estimators run the frozen roles in every micro-batch (and
+                # read their output weights again in its backward): on the device for the whole
+                # phase, so that --offload-frozen moves each once per step, not per micro-batch
+                frozen = {id(r): r for r in [*self.teachers.values(), *self.refs.values()]}
+                for role in frozen.values():
+                    held.enter_context(role.in_use())
+            reports, stats = self._update_batches(samples)
+        metrics = self._reduce_to_rank0(reports)
+        metrics.update(stats)
+        # updates skipped for a non-finite gradient norm: this step's, and the run's so far
+        self.skipped_updates += int(stats["optim/update_skipped"])
+        metrics["counters/skipped_updates"] = float(self.skipped_updates)
+        return metrics
+
+    def _update_batches(self, samples: list[Sample]) -> tuple[list[dict], dict[str, float]]:
         cfg = self.cfg
         _, dp = self.dp
         per_update = cfg.global_batch_size // dp
-        reports, stats = [], {}
+        reports, stats, skipped = [], {}, 0.0
         frozen = self._frozen_logits if cfg.loss.estimator != "sampled" else None
         for u in range(cfg.updates_per_step):
             part = samples[u * per_update : (u + 1) * per_update]
@@ -270,12 +317,12 @@ class GOPDTrainer:
                 micro_batch_size=cfg.micro_batch_size,
                 loss_cfg=cfg.loss,
                 vocab_size=self.student.arch.vocab_size,
+                temperature=cfg.rollout.temperature,
                 frozen_logits=frozen,
             )
             reports.extend(r)
-        metrics = self._reduce_to_rank0(reports)
-        metrics.update(stats)
-        return metrics
+            skipped += stats["optim/update_skipped"]
+        return reports, dict(stats, **{"optim/update_skipped": skipped})
 
     def sync_weights(self) -> None:
         self.rollout.push_weights(self.student)
@@ -283,28 +330,43 @@ class GOPDTrainer:
     # ------------------------------------------------------------------ loss plumbing
 
     @torch.no_grad()
-    def _frozen_logits(self, mb):
-        """Teacher / reference logit shards for a micro-batch (full-vocabulary estimators, PP=1):
-        each row takes the logits of its own domain's teacher (and reference)."""
-        S = mb.tokens_BS.shape[1]
+    def _frozen_logits(self, mb) -> tuple[FrozenLogits, FrozenLogits | None]:
+        """The teacher's and the reference's output layers for a micro-batch (full-vocabulary
+        estimators, PP=1): their final hidden states and output weights, each row with its own
+        domain's teacher (and reference) at their scoring temperatures. Their fp32 logits are made
+        chunk by chunk inside the loss, never for the whole micro-batch."""
+        B, S = mb.tokens_BS.shape
         pos = torch.arange(S, device=mb.tokens_BS.device).unsqueeze(0).expand_as(mb.tokens_BS)
         routes = [self.routing[mb.domains[i]] for i in mb.domain_ids_B.tolist()]
+        cols = torch.arange(S, device=pos.device)
 
-        def by_row(roles, key_of):
-            out = None
+        def by_row(roles, key_of, temperature):
+            parts, index = [], []
             for k in sorted({key_of(r) for r in routes} - {None}):
                 rows = torch.tensor(
                     [i for i, r in enumerate(routes) if key_of(r) == k], device=pos.device
                 )
-                with roles[k].in_use():
-                    logits = roles[k].model(mb.tokens_BS[rows], pos[rows], None)
-                if out is None:
-                    out = logits.new_zeros((len(routes), *logits.shape[1:]))
-                out[rows] = logits
-            return out
+                role = roles[k]
+                # held on the device by update() for the whole phase (its backward reads the
+                # output weight again): this block does not move it
+                with role.in_use(), final_hidden_states(role.model):
+                    hidden = role.model(mb.tokens_BS[rows], pos[rows], None)
+                parts.append(
+                    OutputLayer(
+                        output_rows(role.model, hidden, grad=False),
+                        output_weight(role.model),
+                        role.arch.vocab_size,
+                        temperature=temperature,
+                    )
+                )
+                index.append((rows.unsqueeze(1) * S + cols).reshape(-1))  # its token rows
+            return FrozenLogits(tuple(parts), tuple(index), B * S)
 
-        teacher = by_row(self.teachers, lambda r: r.teacher)
-        ref = by_row(self.refs, lambda r: r.reference) if self.routing.needs_reference else None
+        models = self.cfg.models
+        teacher = by_row(self.teachers, lambda r: r.teacher, models.teacher_temperature)
+        ref = None
+        if self.routing.needs_reference:
+            ref = by_row(self.refs, lambda r: r.reference, models.ref_temperature)
         return teacher, ref
 
     def _reduce_to_rank0(self, reports: list[dict]) -> dict[str, float]:
@@ -354,7 +416,11 @@ class GOPDTrainer:
         if not self.cfg.checkpoint.save:
             return
         with self.timer("save"):
-            state = {"scheduler": self.opt.scheduler.state_dict(), "data": self.data.state_dict()}
+            state = {
+                "scheduler": self.opt.scheduler.state_dict(),
+                "data": self.data.state_dict(),
+                "skipped_updates": self.skipped_updates,
+            }
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra, trained_steps=step))
             checkpointing.save_training_checkpoint(
                 self.cfg.checkpoint.save,
@@ -378,7 +444,11 @@ class GOPDTrainer:
             )
             mine = self._my_share(samples)
             answered = [s for s in mine if s.response_len > 0]
-            student_lps = self._response_logprobs(self.student, answered) if answered else []
+            student_lps = (
+                self._response_logprobs(self.student, answered, self.cfg.rollout.temperature)
+                if answered
+                else []
+            )
             self.score_teachers(mine)
             acc = torch.zeros(4, dtype=torch.float64)  # sum of log-ratios, tokens, correct, graded
             for s, lp in zip(answered, student_lps, strict=True):
@@ -398,8 +468,16 @@ class GOPDTrainer:
         return out
 
     def _correct(self, response: str, answer: str) -> bool:
+        """``response`` is the decoded response. ``exact``: equal to the answer as the same
+        tokenizer encodes and decodes it, so that how the tokenizer joins pieces does not
+        matter (a word-level tokenizer decodes ``1801`` as ``'1 8 0 1'``); surrounding whitespace
+        is ignored."""
         if self.cfg.eval.grader == "exact":
-            return response.strip() == answer.strip()
+            response, answer = response.strip(), answer.strip()
+            if response == answer:
+                return True
+            ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            return response == self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         from megatron_gopd.evaluation.math_grader import grade_math
 
         return grade_math(response, answer).correct

@@ -20,10 +20,22 @@ from typing import Literal
 
 import torch
 
+from megatron_gopd import parallel
 from megatron_gopd.flags import flag
 from megatron_gopd.types import RolloutBatch, Sample
+from megatron_gopd.utils import get_logger
 
-__all__ = ["OptimConfig", "Optimizer", "build_optimizer", "collate", "train_step"]
+__all__ = [
+    "OptimConfig",
+    "Optimizer",
+    "build_optimizer",
+    "collate",
+    "skip_non_finite_updates",
+    "student_loss",
+    "train_step",
+]
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -175,7 +187,42 @@ def build_optimizer(model, optim_cfg, *, train_iters: int, bf16: bool) -> Optimi
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp.no_sync
+    skip_non_finite_updates(optimizer)
     return Optimizer(ddp=ddp, optimizer=optimizer, scheduler=scheduler)
+
+
+def skip_non_finite_updates(optimizer) -> None:
+    """Make ``optimizer.step()`` skip the update when the gradient norm is NaN or inf.
+
+    Megatron's optimizer skips such a step only when a loss scaler looks for inf/NaN (fp16); in
+    fp32 and bf16 a NaN gradient goes into Adam and turns every weight into NaN, silently. Here
+    the step is skipped the same way: weights, optimizer state and (in :func:`train_step`) the LR
+    schedule are left as they were, ``step()`` returns ``(False, grad_norm, ...)`` and the skip is
+    counted. The gradient norm is the one megatron-core computes for clipping (over every
+    model-parallel and, with the distributed optimizer, data-parallel rank), so all ranks agree.
+
+    ``ChainedOptimizer.step`` (megatron-core 0.16 - 0.19) computes the norm with
+    ``get_grad_norm()`` and then applies the update with ``step_with_ready_grads()``; both are
+    wrapped on this instance. Should a later version not ask for the norm first, the wrapper
+    computes it itself.
+    """
+    get_grad_norm, step_with_ready_grads = optimizer.get_grad_norm, optimizer.step_with_ready_grads
+    seen: list[float] = []
+
+    def recording_get_grad_norm():
+        norm = get_grad_norm()
+        seen.append(float(norm))
+        return norm
+
+    def guarded_step_with_ready_grads():
+        norm = seen.pop() if seen else float(get_grad_norm())
+        seen.clear()
+        if not math.isfinite(norm):
+            return False
+        return step_with_ready_grads()
+
+    optimizer.get_grad_norm = recording_get_grad_norm
+    optimizer.step_with_ready_grads = guarded_step_with_ready_grads
 
 
 def train_step(
@@ -185,20 +232,24 @@ def train_step(
     micro_batch_size: int,
     loss_cfg,
     vocab_size: int,
+    temperature: float = 1.0,
     frozen_logits=None,
 ) -> tuple[list[dict], dict[str, float]]:
     """One optimizer step on ``batch`` (this data-parallel rank's share).
 
-    ``frozen_logits(tokens_BS) -> (teacher_logits, ref_logits)`` supplies the frozen roles'
-    vocab-parallel logits for the full-vocabulary estimators (None for the sampled estimator).
-    Returns the per-micro-batch loss reports (last pipeline stage; [] elsewhere) and optimizer
-    stats.
+    The student's log-probs are those of ``softmax(logits / temperature)`` (the sampling
+    temperature: the policy the rollouts came from), with fp32 logits made chunk by chunk from the
+    final hidden states (:mod:`megatron_gopd.vocab_parallel.output_layer`).
+    ``frozen_logits(mb) -> (teacher, reference)`` supplies the frozen roles'
+    :class:`~megatron_gopd.vocab_parallel.output_layer.FrozenLogits` for the full-vocabulary
+    estimators (None for the sampled estimator). Returns the per-micro-batch loss reports (last
+    pipeline stage; [] elsewhere) and optimizer stats.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_gopd import platform
-    from megatron_gopd.trainer.loss import gopd_loss
+    from megatron_gopd.models.build import final_hidden_states
 
     device = platform.device()
     rows, S = batch.tokens_BS.shape
@@ -218,12 +269,20 @@ def train_step(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        logits = model(mb.tokens_BS, position_ids, None)
+        with final_hidden_states(model):
+            hidden_SBH = model(mb.tokens_BS, position_ids, None)
         extra = {}
         if frozen_logits is not None and ps.is_pipeline_last_stage():
             extra["teacher_logits_BSV"], extra["ref_logits_BSV"] = frozen_logits(mb)
-        return logits, partial(
-            gopd_loss, mb=mb, cfg=loss_cfg, tp_group=tp_group, vocab_size=vocab_size, **extra
+        return hidden_SBH, partial(
+            student_loss,
+            model=model,
+            mb=mb,
+            cfg=loss_cfg,
+            tp_group=tp_group,
+            vocab_size=vocab_size,
+            temperature=temperature,
+            **extra,
         )
 
     opt.ddp.zero_grad_buffer()
@@ -240,9 +299,37 @@ def train_step(
     ok, grad_norm, _ = opt.optimizer.step()
     if ok:
         opt.scheduler.step(increment=1)
+    elif parallel.is_rank0():
+        log.warning("the gradients are not finite (norm %s): this update is skipped", grad_norm)
     stats = {
         "optim/lr": opt.optimizer.param_groups[0]["lr"],
         "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "optim/update_skipped": 0.0 if ok else 1.0,
     }
     return reports or [], stats
+
+
+def student_loss(
+    hidden_SBH: torch.Tensor,
+    *,
+    model,
+    mb: RolloutBatch,
+    cfg,
+    tp_group,
+    vocab_size: int,
+    temperature: float,
+    **frozen,
+):
+    """megatron-core's ``loss_func`` on the last stage: the student's fp32 output layer at the
+    sampling temperature on its final hidden states, then :func:`gopd_loss`."""
+    from megatron_gopd.models.build import output_rows, output_weight
+    from megatron_gopd.trainer.loss import gopd_loss
+    from megatron_gopd.vocab_parallel.output_layer import OutputLayer
+
+    student = OutputLayer(
+        output_rows(model, hidden_SBH, grad=True),
+        output_weight(model),
+        vocab_size,
+        temperature=temperature,
+    )
+    return gopd_loss(student, mb, cfg, tp_group=tp_group, **frozen)

@@ -6,6 +6,9 @@ over the tensor-parallel ranks, without gathering the vocabulary (megatron-core'
   entropy (the sampled-token G-OPD loss, scoring).
 * :mod:`~megatron_gopd.vocab_parallel.gopd_objective`: the full-vocabulary and top-k estimators of
   the G-OPD objective from the student's, teacher's and reference's logits.
+* :mod:`~megatron_gopd.vocab_parallel.output_layer`: the output layer itself in fp32, chunk by
+  chunk, with autograd: final hidden states in, the above per token out, never all the logits of a
+  micro-batch at once (every role's log-probs, the student update included).
 * :mod:`~megatron_gopd.vocab_parallel.chunking`: the row chunks and reused fp32 scratch buffers
   both work through, so extra memory does not grow with tokens x vocabulary.
 

@@ -50,7 +50,10 @@ it reduces its slice to a dozen scalars (local maxima; sums of ``exp``; ``sum e_
 SUM all-reduce combine them, as in :mod:`megatron_gopd.vocab_parallel.logprobs`. The backward recomputes (*)
 chunk by chunk and by default writes the gradient into the student logits' storage. The teacher's
 and reference's logits get no gradient (they are frozen roles). Columns at or beyond
-``vocab_size`` are padding and excluded from every softmax.
+``vocab_size`` are padding and excluded from the student's softmax; the teacher's and reference's
+run over their own real vocabulary (``frozen_vocab_size``, at least the student's: a teacher
+whose HF embedding has more rows than the student's normalises over all of them, as its own
+scoring does). All three share one padded size, so every rank holds the same columns of each.
 """
 
 from __future__ import annotations
@@ -117,12 +120,28 @@ def topk_threshold(
 
 class _VocabParallelGOPD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, t, u, target, lam, thr, group, vocab_size, chunk_elements, inplace):
+    def forward(
+        ctx,
+        z,
+        t,
+        u,
+        target,
+        lam,
+        thr,
+        group,
+        vocab_size,
+        frozen_vocab_size,
+        chunk_elements,
+        inplace,
+    ):
         ctx.set_materialize_grads(False)
         rank, world = group_rank_size(group)
         T, v_local = z.shape
         start = rank * v_local
         valid = _valid_columns(v_local, start, vocab_size)
+        # the teacher's and reference's real columns: at least the student's
+        valid_f = max(valid, _valid_columns(v_local, start, frozen_vocab_size))
+        wide = valid_f > valid
         dev = z.device
         has_ref, has_k = u is not None, thr is not None
         ninf = float("-inf")
@@ -131,45 +150,54 @@ class _VocabParallelGOPD(torch.autograd.Function):
         local_t = target - start
         has_t = (local_t >= 0) & (local_t < valid)
         local_t = torch.where(has_t, local_t, torch.zeros_like(local_t))
-        # scratch: 0 z (fp32 copy), 1 t / u (fp32 copy), 2 z - m, 3 e_z, 4 t - m / u - m, 5 exp,
-        # 6 products; plus a bool mask for the top-k cells
-        bufs = ChunkBuffers(T, valid, chunk_elements, dev)
-        for a, b in row_chunks(T, valid, chunk_elements) if valid > 0 else ():
+        # scratch, student's width: 0 z (fp32 copy), 2 z - m, 3 e_z, 6 products, and a bool mask
+        # for the top-k cells; frozen roles' width: 1 t / u (fp32 copy), 4 t - m / u - m, 5 exp
+        zb = ChunkBuffers(T, valid, chunk_elements, dev)
+        fb = ChunkBuffers(T, valid_f, chunk_elements, dev) if wide else zb
+        for a, b in row_chunks(T, valid_f, chunk_elements) if valid_f > 0 else ():
             n = b - a
-            x = as_fp32(z[a:b, :valid], bufs, 0)  # a view for fp32: never modified in place
-            tq = as_fp32(t[a:b, :valid], bufs, 1)
-            mz, mq = x.amax(dim=-1), tq.amax(dim=-1)
-            mx[0, a:b], mx[1, a:b] = mz, mq
-            st[ZY, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
-            # not in K: the same comparison as in the backward, so both see the same cells
-            out = torch.lt(x, thr[a:b].unsqueeze(-1), out=bufs.mask(n)) if has_k else None
-            xs = torch.sub(x, mz.unsqueeze(-1), out=bufs.get(2, n))
-            e = torch.exp(xs, out=bufs.get(3, n))
-            qs = torch.sub(tq, mq.unsqueeze(-1), out=bufs.get(4, n))
-            st[SZ, a:b] = e.sum(dim=-1)
-            st[EZ, a:b] = _rowdot(e, xs, bufs.get(6, n))
-            eq = torch.exp(qs, out=bufs.get(5, n))
+            tq = as_fp32(t[a:b, :valid_f], fb, 1)
+            mq = tq.amax(dim=-1)
+            mx[1, a:b] = mq
+            qs = torch.sub(tq, _finite_or_zero(mq).unsqueeze(-1), out=fb.get(4, n))
+            eq = torch.exp(qs, out=fb.get(5, n))
             st[SQ, a:b] = eq.sum(dim=-1)
-            if has_k:
-                st[TZ, a:b] = _rowsum_where(out, e, bufs.get(6, n))
-                st[TQ, a:b] = _rowsum_where(out, eq, bufs.get(6, n))
-                e.masked_fill_(out, 0.0)  # from here on e is e restricted to K
-                st[KM, a:b] = e.sum(dim=-1)
-                st[KZ, a:b] = _rowdot(e, xs, bufs.get(6, n))
-            else:
-                st[KM, a:b], st[KZ, a:b] = st[SZ, a:b], st[EZ, a:b]
-            st[KQ, a:b] = _rowdot(e, qs, bufs.get(6, n))
+            if valid > 0:
+                x = as_fp32(z[a:b, :valid], zb, 0)  # a view for fp32: never modified in place
+                mz = x.amax(dim=-1)
+                mx[0, a:b] = mz
+                st[ZY, a:b] = x.gather(1, local_t[a:b].unsqueeze(1)).squeeze(1)
+                # not in K: the same comparison as in the backward, so both see the same cells
+                out = torch.lt(x, thr[a:b].unsqueeze(-1), out=zb.mask(n)) if has_k else None
+                xs = torch.sub(x, mz.unsqueeze(-1), out=zb.get(2, n))
+                e = torch.exp(xs, out=zb.get(3, n))
+                st[SZ, a:b] = e.sum(dim=-1)
+                st[EZ, a:b] = _rowdot(e, xs, zb.get(6, n))
+                if has_k:
+                    st[TZ, a:b] = _rowsum_where(out, e, zb.get(6, n))
+                    st[TQ, a:b] = _rest_mass(out, eq, valid, zb.get(6, n))
+                    e.masked_fill_(out, 0.0)  # from here on e is e restricted to K
+                    st[KM, a:b] = e.sum(dim=-1)
+                    st[KZ, a:b] = _rowdot(e, xs, zb.get(6, n))
+                else:
+                    st[KM, a:b], st[KZ, a:b] = st[SZ, a:b], st[EZ, a:b]
+                st[KQ, a:b] = _rowdot(e, qs[:, :valid], zb.get(6, n))
+            elif has_k:  # no student token here: the slice's teacher mass is all in the rest cell
+                st[TQ, a:b] = st[SQ, a:b]
             if has_ref:
-                tr = as_fp32(u[a:b, :valid], bufs, 1)
+                tr = as_fp32(u[a:b, :valid_f], fb, 1)
                 mr = tr.amax(dim=-1)
                 mx[2, a:b] = mr
-                rs = torch.sub(tr, mr.unsqueeze(-1), out=bufs.get(4, n))
-                er = torch.exp(rs, out=bufs.get(5, n))
+                rs = torch.sub(tr, _finite_or_zero(mr).unsqueeze(-1), out=fb.get(4, n))
+                er = torch.exp(rs, out=fb.get(5, n))
                 st[SR, a:b] = er.sum(dim=-1)
-                if has_k:
-                    st[TR, a:b] = _rowsum_where(out, er, bufs.get(6, n))
-                st[KR, a:b] = _rowdot(e, rs, bufs.get(6, n))
-        del bufs
+                if valid > 0:
+                    if has_k:
+                        st[TR, a:b] = _rest_mass(out, er, valid, zb.get(6, n))
+                    st[KR, a:b] = _rowdot(e, rs[:, :valid], zb.get(6, n))
+                elif has_k:
+                    st[TR, a:b] = st[SR, a:b]
+        del zb, fb
 
         # Combine: move every rank's sums from its own maxima to the global ones.
         M = mx.clone()
@@ -252,7 +280,7 @@ class _VocabParallelGOPD(torch.autograd.Function):
     def backward(ctx, g_obj, *_unused):
         z, t, u, lam, thr, lse_z, lse_q, lse_r, obj, a_rest = ctx.saved_tensors
         if g_obj is None:
-            return (None,) * 10
+            return (None,) * 11
         valid = ctx.valid
         T, v_local = z.shape
         grad = z if ctx.inplace else torch.empty_like(z)
@@ -280,7 +308,20 @@ class _VocabParallelGOPD(torch.autograd.Function):
             gc = logp.exp_().mul_(adv).mul_(g[a:b].unsqueeze(-1))
             grad[a:b, :valid] = gc
         del bufs
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
+
+
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """A row maximum to shift by: 0 where the row is all ``-inf`` (a frozen role's columns beyond
+    its own vocabulary), so that its ``exp`` is 0 rather than NaN."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _rest_mass(not_k: torch.Tensor, e: torch.Tensor, valid: int, scratch: torch.Tensor):
+    """A frozen role's rest-cell mass on this slice: its ``exp`` over the student's columns not in
+    K, plus all of it beyond the student's vocabulary (tokens the student cannot produce)."""
+    rest = _rowsum_where(not_k, e[:, :valid], scratch)
+    return rest + e[:, valid:].sum(dim=-1) if e.shape[1] > valid else rest
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -303,6 +344,7 @@ def vocab_parallel_gopd_objective(
     *,
     ref_logits: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    frozen_vocab_size: int | None = None,
     top_k: int | None = None,
     chunk_elements: int = 1 << 20,
     inplace_backward: bool = True,
@@ -318,6 +360,12 @@ def vocab_parallel_gopd_objective(
         ref_logits: ``[..., V_local]`` the reference's slice; may be None only if lambda == 1
             everywhere (the caller checks; here the reference terms are then dropped).
         vocab_size: number of real vocabulary entries; columns beyond it are padding.
+        frozen_vocab_size: the teacher's and reference's real vocabulary (default:
+            ``vocab_size``), at least the student's: their softmaxes run over their own rows (HF
+            models of one tokenizer may have different embedding rows, e.g. Qwen2.5-7B's 152064
+            and Qwen2.5-1.5B's 151936). Their logits are ``-inf`` where a role's own vocabulary
+            ends earlier (several teachers in one batch). The student puts no mass on the extra
+            tokens: they add to the frozen roles' normalisers (and top-k's rest cell) only.
         top_k: None for the full vocabulary, else the number of student tokens kept per position.
         chunk_elements: elements per fp32 scratch buffer (up to seven are allocated).
         inplace_backward: write the gradient into the student logits' storage.
@@ -349,7 +397,22 @@ def vocab_parallel_gopd_objective(
         )
         if bool(torch.isinf(thr).all()):  # k covers the vocabulary: the full objective
             thr = None
+    if frozen_vocab_size is not None and vocab_size is not None and frozen_vocab_size < vocab_size:
+        raise ValueError(
+            f"frozen_vocab_size {frozen_vocab_size} is smaller than the student's {vocab_size}: "
+            "the teacher has no log-prob for tokens the student can produce"
+        )
     out = _VocabParallelGOPD.apply(
-        z, t, u, tg, lam_t, thr, group, vocab_size, chunk_elements, inplace_backward
+        z,
+        t,
+        u,
+        tg,
+        lam_t,
+        thr,
+        group,
+        vocab_size,
+        vocab_size if frozen_vocab_size is None else frozen_vocab_size,
+        chunk_elements,
+        inplace_backward,
     )
     return GOPDObjective(*(o.view(lead) for o in out))
