@@ -276,38 +276,40 @@ class TensorTransport(_Transport):
         if self.world > 1:
             dist.broadcast(flat, src=0)
         close = None
-        payload = None
-        if self.rank in self.layout.fed_ranks:
-            payload, close = self._serialize(flat, meta)
-        payloads: list = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(payload, payloads, dst=0, group=self.objects)
-        error = None
-        if self.rank == 0:
-            try:
-                self._wait(
-                    self._post_all(
-                        "/update_weights_from_tensor",
-                        lambda i: {
-                            "serialized_named_tensors": [
-                                payloads[r] for r in self.layout.feeders(i)
-                            ],
-                            "load_format": "flattened_bucket",
-                            "flush_cache": last,
-                            **({"weight_version": version} if last else {}),
-                        },
+        try:
+            payload = None
+            if self.rank in self.layout.fed_ranks:
+                payload, close = self._serialize(flat, meta)
+            payloads: list = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(payload, payloads, dst=0, group=self.objects)
+            error = None
+            if self.rank == 0:
+                try:
+                    self._wait(
+                        self._post_all(
+                            "/update_weights_from_tensor",
+                            lambda i: {
+                                "serialized_named_tensors": [
+                                    payloads[r] for r in self.layout.feeders(i)
+                                ],
+                                "load_format": "flattened_bucket",
+                                "flush_cache": last,
+                                **({"weight_version": version} if last else {}),
+                            },
+                        )
                     )
-                )
-            except SyncError as e:
-                error = str(e)
-        box = [error]
-        dist.broadcast_object_list(box, src=0, group=self.objects)
-        # the servers copied the bucket: release the producer side
-        if close is not None:
-            close()
-        del flat
-        if self.on_cuda:
-            torch.cuda.ipc_collect()
-            torch.cuda.empty_cache()
+                except SyncError as e:
+                    error = str(e)
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=self.objects)
+        finally:
+            # the servers copied the bucket (or failed): release the producer side
+            if close is not None:
+                close()
+            del flat
+            if self.on_cuda:
+                torch.cuda.ipc_collect()
+                torch.cuda.empty_cache()
         return box[0]
 
     def _serialize(self, flat: torch.Tensor, meta):
