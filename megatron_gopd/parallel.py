@@ -51,6 +51,11 @@ class ParallelConfig:
         help="split activations between layers along the sequence over the TP ranks (all "
         "roles; needs TP > 1; sequences are padded to a multiple of TP)",
     )
+    expert_model_parallel_size: int = flag(
+        1,
+        help="expert-parallel ranks of mixture-of-experts roles (an MoE teacher or reference): "
+        "each holds num_experts / EP experts; dense roles ignore it",
+    )
 
     @property
     def tp(self) -> int:
@@ -60,9 +65,13 @@ class ParallelConfig:
     def pp(self) -> int:
         return self.pipeline_model_parallel_size
 
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
+
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise GopdError("tensor/pipeline model parallel sizes must be >= 1")
+        if self.tp < 1 or self.pp < 1 or self.ep < 1:
+            raise GopdError("tensor/pipeline/expert model parallel sizes must be >= 1")
         if self.sequence_parallel and self.tp == 1:
             raise GopdError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
@@ -72,6 +81,13 @@ class ParallelConfig:
             raise GopdError(
                 f"{world_size} process(es) cannot hold TP*PP = {self.tp}*{self.pp} = {mp} model "
                 f"shards: launch a multiple of {mp} ranks (torchrun --nproc-per-node ...)"
+            )
+        # megatron-core carves the expert-parallel groups out of the TP x DP ranks of each stage
+        if world_size % (mp * self.ep):
+            raise GopdError(
+                f"{world_size} process(es) cannot hold TP*PP*EP = {self.tp}*{self.pp}*{self.ep} = "
+                f"{mp * self.ep} expert shards: EP must divide the data-parallel size "
+                f"{world_size // mp}"
             )
 
 
@@ -132,12 +148,14 @@ def initialize(cfg: ParallelConfig, seed: int = 1234) -> None:
         if (
             ps.get_tensor_model_parallel_world_size(),
             ps.get_pipeline_model_parallel_world_size(),
-        ) != (cfg.tp, cfg.pp):
+            ps.get_expert_model_parallel_world_size(),
+        ) != (cfg.tp, cfg.pp, cfg.ep):
             raise RuntimeError("model parallel groups already initialized with other sizes")
         return
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
+        expert_model_parallel_size=cfg.ep,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -24,6 +24,9 @@ streams    dummy ``torch.cuda.Stream`` / ``current_stream`` (0.19.x DDP grad syn
 ckptq      dist_checkpointing's async writer queue uses a fork Manager instead of spawn
            (spawn re-imports ``__main__``: 6-15 s per first save on 2 cores), one that
            exits with the trainer (a plain Manager outlives a SIGKILLed parent).
+moe        the MoE token dispatcher on the CPU: split sizes as numpy (``all_to_all_single``
+           rejects CPU tensors there), stream events that exist, and (0.16.x) the fused-kernel
+           names its router references even without Transformer Engine.
 ========== ===============================================================================
 
 The triton placeholder for megatron-core 0.19.x on machines without triton lives in
@@ -44,7 +47,7 @@ _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _patched: set[str] = set()
 
-ALL_GROUPS = ("device", "mode", "type", "sync", "rng", "streams", "ckptq")
+ALL_GROUPS = ("device", "mode", "type", "sync", "rng", "streams", "ckptq", "moe")
 
 
 def cuda_available() -> bool:
@@ -77,6 +80,20 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _DummyEvent:
+    def record(self, *a, **k):
+        pass
+
+    def wait(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
 class _DummyStream:
     def __init__(self, *a, **k):
         pass
@@ -88,7 +105,7 @@ class _DummyStream:
         pass
 
     def record_event(self, *a, **k):
-        return None
+        return _DummyEvent()  # the MoE all-to-all dispatcher synchronizes on it
 
     def synchronize(self):
         pass
@@ -169,6 +186,37 @@ def _patch_ckptq():
         fsa.get_write_results_queue = _queue
 
 
+def _patch_moe():
+    import megatron.core.transformer.moe.moe_utils as mu
+    import megatron.core.transformer.moe.token_dispatcher as td
+
+    if not getattr(mu, "HAVE_TE", True):
+        # 0.16.x references these names in the router whether or not TE imported them
+        for name in (
+            "fused_compute_score_for_moe_aux_loss",
+            "fused_moe_aux_loss",
+            "fused_permute",
+            "fused_permute_with_probs",
+            "fused_sort_chunks_by_index",
+            "fused_sort_chunks_by_index_with_probs",
+            "fused_topk_with_score_function",
+            "fused_unpermute",
+            "te_general_gemm",
+        ):
+            if not hasattr(mu, name):
+                setattr(mu, name, None)
+    original = mu.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        # on CUDA the split sizes are copied to the host; here they are there already, and
+        # all_to_all_single wants them as a list / array, not a tensor
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return original(tensor, as_numpy, record_stream)
+
+    mu.maybe_move_tensor_to_cpu = td.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 _PATCHES = {
     "device": _patch_device,
     "mode": _patch_mode,
@@ -177,6 +225,7 @@ _PATCHES = {
     "rng": _patch_rng,
     "streams": _patch_streams,
     "ckptq": _patch_ckptq,
+    "moe": _patch_moe,
 }
 
 

@@ -122,7 +122,8 @@ def score_sequences(
 
     from megatron_gopd import platform
 
-    if not sequences:
+    lockstep = role.lockstep_group
+    if not sequences and lockstep is None:
         return []
     arch = role.arch
     for i, s in enumerate(sequences):
@@ -139,7 +140,7 @@ def score_sequences(
                 f"{arch.max_position_embeddings} positions"
             )
     device = platform.device()
-    max_len = max(len(s) for s in sequences)
+    max_len = max((len(s) for s in sequences), default=2)
     seq_len = -(-max_len // pad_to_multiple) * pad_to_multiple
     seq_len = min(seq_len, max(max_len, arch.max_position_embeddings))
     seq_len = -(-seq_len // role.sequence_multiple) * role.sequence_multiple
@@ -151,6 +152,16 @@ def score_sequences(
         chunk += [chunk[0]] * (micro_batch_size - n_real)
         tokens = _pad_batch(chunk, seq_len, device)
         batches.append((tokens, n_real))
+    if lockstep is not None:
+        # Expert parallelism: the MoE layers exchange tokens with all-to-alls over the expert
+        # group, whose ranks score different sequences; every rank must run as many forward
+        # passes as the busiest one, so the others add all-padding micro-batches (0 real rows).
+        n = torch.tensor([len(batches)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=lockstep)
+        dummy = torch.zeros((micro_batch_size, seq_len), dtype=torch.long, device=device)
+        batches += [(dummy, 0)] * (int(n.item()) - len(batches))
+        if not batches:
+            return [] if broadcast or ps.is_pipeline_last_stage() else None
     bar = None
     if progress and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         from tqdm import tqdm
@@ -195,7 +206,9 @@ def score_sequences(
     result = None
     if ps.is_pipeline_last_stage():
         full = torch.cat([o["logprobs"] for o in outputs], dim=0)  # [N, seq_len]
-        result = full
+        result = full[: len(sequences)]
+    if not sequences:
+        return [] if broadcast or ps.is_pipeline_last_stage() else None
     if broadcast and ps.get_pipeline_model_parallel_world_size() > 1:
         if result is None:
             result = torch.empty((len(sequences), seq_len), dtype=torch.float32)

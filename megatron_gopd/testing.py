@@ -151,8 +151,8 @@ TINY_DIMS = dict(
 
 
 def tiny_hf_config(family: str, *, tied: bool = False, **over):
-    """A small random-init HF config of ``family`` (llama | llama3 | qwen2 | qwen3)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """A small random-init HF config of ``family`` (llama | llama3 | qwen2 | qwen3 | qwen3_moe)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     kw = dict(TINY_DIMS, tie_word_embeddings=tied, rms_norm_eps=1e-6)
     if family == "llama":
@@ -178,6 +178,20 @@ def tiny_hf_config(family: str, *, tied: bool = False, **over):
         # explicit head_dim different from hidden/heads, as in Qwen3-4B (2560/32 != 128)
         kw.update(rope_theta=1000000.0, head_dim=32)
         cls = Qwen3Config
+    elif family == "qwen3_moe":
+        # 4 experts, top-2, renormalised (Qwen3-30B-A3B's router), one dense layer among them
+        kw.update(
+            rope_theta=1000000.0,
+            head_dim=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            router_aux_loss_coef=0.0,
+        )
+        cls = Qwen3MoeConfig
     else:
         raise ValueError(family)
     kw.update(over)
@@ -197,6 +211,8 @@ def make_tiny_hf_model(
         for name, p in model.named_parameters():
             if "norm" in name:  # RMSNorm weights start at 1: make them informative
                 p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("mlp.gate.weight"):  # an MoE router: clear top-k decisions
+                p.normal_(0.0, 0.5)
             elif p.dim() == 1:  # biases start at 0
                 p.normal_(0.0, 0.05)
             else:

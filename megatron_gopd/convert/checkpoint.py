@@ -154,6 +154,15 @@ def hf_config_for(arch: ModelArch) -> dict:
     }
     if arch.rope_scaling:
         cfg["rope_scaling"] = {"rope_type": "llama3", **arch.rope_scaling}
+    if arch.is_moe:
+        cfg.update(
+            num_experts=arch.num_experts,
+            num_experts_per_tok=arch.moe_router_topk,
+            moe_intermediate_size=arch.moe_ffn_hidden_size,
+            norm_topk_prob=arch.moe_norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(arch.num_layers) if i not in arch.moe_layers],
+        )
     return cfg
 
 

@@ -15,6 +15,11 @@ Layouts that are not a rename:
   shards read ``[g0; u0; g1; u1; ...]`` and must be de-interleaved (:func:`merge_tp_shards`).
 * **Vocabulary.** Megatron's embedding and output layer have ``padded_vocab_size`` rows; the extra
   rows are zero on import and stripped on export.
+* **Experts** (Qwen3-MoE). HF's router ``mlp.gate.weight`` is megatron's ``mlp.router.weight``;
+  expert ``j``'s gate/up/down projections are ``mlp.experts.local_experts.{j}.linear_fc1`` (``[gate;
+  up]``, like a dense ``linear_fc1``) and ``linear_fc2``. Names here use *global* expert indices
+  (a model at expert parallelism EP holds experts ``[r * E / EP, (r + 1) * E / EP)`` as its local
+  experts ``0 .. E / EP - 1``; megatron's dist checkpoints store global indices).
 
 Megatron names are module names of the local layer spec with *global* layer indices. Transformer
 Engine fuses the pre-attention and pre-MLP RMSNorm weights into the following linear layer
@@ -51,6 +56,7 @@ class MappingError(GopdError):
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
@@ -81,6 +87,9 @@ _TP_DIM = {
     "self_attention.linear_proj.weight": 1,
     "mlp.linear_fc1.weight": 0,
     "mlp.linear_fc2.weight": 1,
+    "mlp.router.weight": None,
+    "mlp.experts.linear_fc1.weight": 0,  # every expert (the expert index is dropped)
+    "mlp.experts.linear_fc2.weight": 1,
 }
 
 
@@ -102,9 +111,18 @@ def _split(name: str) -> tuple[int | None, str]:
     return None, name
 
 
+def _expert(suffix: str) -> tuple[int | None, str]:
+    """``mlp.experts.local_experts.{j}.linear_fc1.weight`` -> ``(j, "linear_fc1.weight")``."""
+    m = _EXPERT.match(suffix)
+    return (int(m.group(1)), m.group(2)) if m else (None, suffix)
+
+
 def tp_partition_dim(name: str) -> int | None:
     """The dim along which tensor parallelism splits this (canonical) megatron parameter."""
     _, suffix = _split(canonical_name(name))
+    j, rest = _expert(suffix)
+    if j is not None:
+        suffix = "mlp.experts." + rest
     if suffix not in _TP_DIM:
         raise MappingError(f"no TP layout known for megatron parameter {name!r}")
     return _TP_DIM[suffix]
@@ -155,11 +173,28 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.v_proj.weight": (kv, h),
                 p + "self_attn.o_proj.weight": (h, q),
                 p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (f, h),
-                p + "mlp.up_proj.weight": (f, h),
-                p + "mlp.down_proj.weight": (h, f),
             }
         )
+        if i in arch.moe_layers:
+            e, fe = arch.num_experts, arch.moe_ffn_hidden_size
+            out[p + "mlp.gate.weight"] = (e, h)
+            for j in range(e):
+                x = f"{p}mlp.experts.{j}."
+                out.update(
+                    {
+                        x + "gate_proj.weight": (fe, h),
+                        x + "up_proj.weight": (fe, h),
+                        x + "down_proj.weight": (h, fe),
+                    }
+                )
+        else:
+            out.update(
+                {
+                    p + "mlp.gate_proj.weight": (f, h),
+                    p + "mlp.up_proj.weight": (f, h),
+                    p + "mlp.down_proj.weight": (h, f),
+                }
+            )
         if arch.qkv_bias:
             out.update(
                 {
@@ -216,8 +251,9 @@ def hf_to_megatron(arch: ModelArch, hf: Mapping[str, torch.Tensor]) -> dict[str,
         out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], arch.padded_vocab_size)
     for i in range(arch.num_layers):
         p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        moe = i in arch.moe_layers
         for msuf, hsuf in _LAYER_RENAMES.items():
-            if _applies(arch, msuf):
+            if _applies(arch, msuf, moe):
                 out[m + msuf] = hf[p + hsuf]
         out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
             arch,
@@ -232,15 +268,26 @@ def hf_to_megatron(arch: ModelArch, hf: Mapping[str, torch.Tensor]) -> dict[str,
                 hf[p + "self_attn.k_proj.bias"],
                 hf[p + "self_attn.v_proj.bias"],
             )
-        out[m + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0
-        )
+        if not moe:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0
+            )
+            continue
+        out[m + "mlp.router.weight"] = hf[p + "mlp.gate.weight"]
+        for j in range(arch.num_experts):
+            x, y = f"{p}mlp.experts.{j}.", f"{m}mlp.experts.local_experts.{j}."
+            out[y + "linear_fc1.weight"] = torch.cat(
+                [hf[x + "gate_proj.weight"], hf[x + "up_proj.weight"]], dim=0
+            )
+            out[y + "linear_fc2.weight"] = hf[x + "down_proj.weight"]
     return out
 
 
-def _applies(arch: ModelArch, megatron_suffix: str) -> bool:
+def _applies(arch: ModelArch, megatron_suffix: str, moe: bool) -> bool:
     if megatron_suffix.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm")):
         return arch.qk_norm
+    if megatron_suffix == "mlp.linear_fc2.weight":
+        return not moe  # an MoE layer's down projections are per expert
     return True
 
 
@@ -274,6 +321,15 @@ def megatron_param_to_hf(
             return [("model.norm.weight", tensor)]
         raise MappingError(f"unknown megatron parameter {name!r}")
     p = f"model.layers.{layer}."
+    j, rest = _expert(suffix)
+    if j is not None:
+        x = f"{p}mlp.experts.{j}."
+        if rest == "linear_fc2.weight":
+            return [(x + "down_proj.weight", tensor)]
+        gate, up = torch.chunk(tensor, 2, dim=0)
+        return [(x + "gate_proj.weight", gate), (x + "up_proj.weight", up)]
+    if suffix == "mlp.router.weight":
+        return [(p + "mlp.gate.weight", tensor)]
     if suffix in _LAYER_RENAMES:
         return [(p + _LAYER_RENAMES[suffix], tensor)]
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -309,7 +365,7 @@ def merge_tp_shards(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     dim = tp_partition_dim(name)
     if dim is None:
         return shards[0]
-    if canonical_name(name).endswith("mlp.linear_fc1.weight"):
+    if canonical_name(name).endswith("linear_fc1.weight"):  # dense MLP or one expert
         # each rank holds [gate_r; up_r]: re-assemble [gate; up]
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)

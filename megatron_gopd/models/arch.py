@@ -6,7 +6,10 @@ so loading needs no repeated model flags.
 
 Supported: dense Llama (incl. Llama-3 rope scaling), Qwen2 and Qwen3 decoder-only models: GQA,
 SwiGLU, RMSNorm, RoPE, Qwen2 q/k/v bias, Qwen3 q/k RMSNorm and explicit ``head_dim``, tied or
-untied embeddings. Anything else is refused with a message that names the unsupported field.
+untied embeddings; and Qwen3-MoE (``qwen3_moe``): Qwen3 attention with routed SwiGLU experts, a
+softmax top-k router (``norm_topk_prob`` renormalises the k weights), no shared expert, and dense
+MLP layers where ``mlp_only_layers`` / ``decoder_sparse_step`` put them. Anything else is refused
+with a message that names the unsupported field.
 
 Both spellings of the RoPE fields are read: transformers 4.x (``rope_theta`` + ``rope_scaling``)
 and 5.x (``rope_parameters``).
@@ -32,8 +35,18 @@ _FAMILIES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
+# MoE fields of HF configs whose non-default value we cannot build (shared experts: Qwen2-MoE,
+# DeepSeek; expert biases / grouped routing: DeepSeek-V3): each is refused by name.
+_UNSUPPORTED_MOE = {
+    "shared_expert_intermediate_size": 0,
+    "n_shared_experts": 0,
+    "moe_shared_expert_intermediate_size": 0,
+    "n_group": 1,
+    "topk_group": 1,
+}
 
 # Megatron pads the embedding rows so that every TP rank holds an equal, aligned slice. We pad to
 # a multiple of 128 * 8 by default, independent of the TP size used at conversion time, so that one
@@ -74,6 +87,13 @@ class ModelArch:
     rope_scaling: dict[str, float] | None = None
     # len(tokenizer) when the HF directory had a tokenizer; used by the vocabulary check.
     tokenizer_vocab_size: int | None = None
+    # Mixture of experts (0 experts: a dense model). ``moe_layers``: the layers whose MLP is the
+    # routed-expert block (the others are dense with ``ffn_hidden_size``).
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 0
+    moe_norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ construction
 
@@ -121,8 +141,13 @@ class ModelArch:
             raise ArchError(
                 f"layer_types other than full_attention are not supported: {set(layer_types)}"
             )
-        if cfg.get("num_experts") or cfg.get("num_local_experts"):
-            raise ArchError("mixture-of-experts models are not supported (dense models only)")
+        experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        if experts and family != "qwen3_moe":
+            raise ArchError(
+                f"num_experts={experts}: mixture-of-experts {hf_arch} is not supported (MoE: "
+                f"Qwen3MoeForCausalLM only)"
+            )
+        moe = _parse_moe(cfg, hf_arch, experts) if family == "qwen3_moe" else {}
 
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
@@ -157,10 +182,11 @@ class ModelArch:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             torch_dtype=str(dtype),
             rope_scaling=rope_scaling,
             tokenizer_vocab_size=tokenizer_vocab_size,
+            **moe,
         )
 
     @classmethod
@@ -186,6 +212,9 @@ class ModelArch:
             raise ArchError(
                 f"unknown architecture field(s) {sorted(unknown)} (written by a newer version?)"
             )
+        d = dict(d)
+        if "moe_layers" in d:  # a JSON list
+            d["moe_layers"] = tuple(int(i) for i in d["moe_layers"])
         return cls(**d)
 
     # ------------------------------------------------------------------ derived
@@ -199,26 +228,46 @@ class ModelArch:
         """How many token ids the tokenizer can produce (for the vocabulary check)."""
         return self.tokenizer_vocab_size or self.vocab_size
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
     def describe(self) -> str:
-        return (
+        text = (
             f"{self.hf_architecture}: {self.num_layers} layers, hidden {self.hidden_size}, "
             f"ffn {self.ffn_hidden_size}, heads {self.num_attention_heads}/{self.num_query_groups} "
             f"(head_dim {self.head_dim}), vocab {self.vocab_size} (padded {self.padded_vocab_size})"
         )
+        if self.is_moe:
+            text += (
+                f", {self.num_experts} experts (top-{self.moe_router_topk}, ffn "
+                f"{self.moe_ffn_hidden_size}) in {len(self.moe_layers)} of {self.num_layers} layers"
+            )
+        return text
 
-    def num_parameters(self) -> int:
+    def num_parameters(self, *, active: bool = False) -> int:
+        """Parameters of the HF model; ``active``: those one token goes through (the router's
+        top-k experts instead of all of them)."""
         h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
         q = self.num_attention_heads * self.head_dim
         kv = self.num_query_groups * self.head_dim
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
         attn += 2 * self.head_dim if self.qk_norm else 0
-        layer = attn + 3 * h * f + 2 * h
+        dense_layer = attn + 3 * h * f + 2 * h
+        experts = self.moe_router_topk if active else self.num_experts
+        moe_layer = attn + experts * 3 * h * self.moe_ffn_hidden_size + self.num_experts * h + 2 * h
+        n_moe = len(self.moe_layers)
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return L * layer + emb + h
+        return (L - n_moe) * dense_layer + n_moe * moe_layer + emb + h
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise a clear error when this model cannot be split at (tp, pp)."""
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
+        """Raise a clear error when this model cannot be split at (tp, pp, ep)."""
         problems = []
+        if self.is_moe:
+            if self.num_experts % ep:
+                problems.append(f"num_experts={self.num_experts} (over EP={ep})")
+            if self.moe_ffn_hidden_size % tp:
+                problems.append(f"moe_intermediate_size={self.moe_ffn_hidden_size}")
         if self.num_attention_heads % tp:
             problems.append(f"num_attention_heads={self.num_attention_heads}")
         if self.num_query_groups % tp:
@@ -236,6 +285,34 @@ class ModelArch:
             raise ArchError(
                 f"{self.hf_architecture} has {self.num_layers} layers, not divisible by PP={pp}"
             )
+
+
+def _parse_moe(cfg: dict[str, Any], hf_arch: str, experts: int) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config; unsupported variants are refused by field name."""
+    if experts < 1:
+        raise ArchError(f"config.json of a {hf_arch} has no 'num_experts'")
+    for key, neutral in _UNSUPPORTED_MOE.items():
+        if cfg.get(key) not in (None, neutral):
+            raise ArchError(f"{key}={cfg[key]!r} is not supported (routed experts only)")
+    topk = int(cfg.get("num_experts_per_tok") or 0)
+    if not 1 <= topk <= experts:
+        raise ArchError(f"num_experts_per_tok={topk} must be in [1, num_experts={experts}]")
+    ffn = cfg.get("moe_intermediate_size")
+    if not ffn:
+        raise ArchError(f"config.json of a {hf_arch} has no 'moe_intermediate_size'")
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    layers = int(cfg["num_hidden_layers"])
+    # transformers' Qwen3MoeDecoderLayer: routed experts where (i + 1) % step == 0, except
+    # mlp_only_layers
+    moe_layers = tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    return dict(
+        num_experts=experts,
+        moe_ffn_hidden_size=int(ffn),
+        moe_router_topk=topk,
+        moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=moe_layers,
+    )
 
 
 def _parse_rope(cfg: dict[str, Any]) -> tuple[float, dict[str, float] | None]:

@@ -75,7 +75,8 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    arch.check_parallel(tp, pp)
+    ep = ps.get_expert_model_parallel_world_size() if arch.is_moe else 1
+    arch.check_parallel(tp, pp, ep)
     kw: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -104,9 +105,38 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
         calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,
     )
+    if arch.is_moe:
+        kw.update(_moe_config(arch, ep))
     kw.update(platform.transformer_config_overrides())
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def _moe_config(arch: ModelArch, ep: int) -> dict[str, Any]:
+    """megatron-core's MoE fields for a Qwen3-MoE ``arch`` (frozen roles: no auxiliary loss).
+
+    The router: HF takes the softmax over all experts, keeps the top k and, with
+    ``norm_topk_prob``, divides them by their sum; that equals megatron's top-k of the logits
+    followed by a softmax over those k (``moe_router_pre_softmax=False``). Without
+    ``norm_topk_prob`` the weights are the top k of the full softmax (``pre_softmax=True``).
+    ``moe_layer_freq`` is the explicit per-layer pattern (an integer N would mean layers 0, N, 2N,
+    not HF's ``(i + 1) % decoder_sparse_step``). Tokens travel between expert-parallel ranks with
+    all-to-all (dropless, no capacity factor)."""
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_router_topk,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        moe_layer_freq=[int(i in arch.moe_layers) for i in range(arch.num_layers)],
+        expert_model_parallel_size=ep,
+    )
 
 
 class LocalRMSNorm:
@@ -135,26 +165,47 @@ class LocalRMSNorm:
         return norm
 
 
-def layer_spec(arch: ModelArch, use_te: bool, config):
-    """The decoder's spec for this pipeline stage: Transformer Engine's layers, or megatron-core's
-    local ones with :class:`LocalRMSNorm` for every norm (the final one included)."""
+def _local_layer(arch: ModelArch, moe: bool):
     from megatron.core.models.gpt import gpt_layer_specs as specs
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
 
-    if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    layer = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    kw = dict(num_experts=arch.num_experts, moe_grouped_gemm=False) if moe else {}
+    layer = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm", **kw)
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = LocalRMSNorm
     if arch.qk_norm:
         attn = sub.self_attention.submodules
         attn.q_layernorm = attn.k_layernorm = LocalRMSNorm
-    return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=LocalRMSNorm
+    if moe:
+        # The local spec stores a dense layer's pre-MLP norm under Transformer Engine's fused name
+        # (mlp.linear_fc1.layer_norm_weight); an MoE layer has no fused linear_fc1 in TE's spec,
+        # which keeps pre_mlp_layernorm.weight: so must we, or our checkpoints would not load there.
+        keys = dict(sub.sharded_state_dict_keys_map)
+        keys.pop("pre_mlp_layernorm.", None)
+        sub.sharded_state_dict_keys_map = keys
+    return layer
+
+
+def layer_spec(arch: ModelArch, use_te: bool, config):
+    """The decoder's spec for this pipeline stage: Transformer Engine's layers, or megatron-core's
+    local ones with :class:`LocalRMSNorm` for every norm (the final one included); MoE layers
+    where ``arch.moe_layers`` says."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if use_te:
+        if arch.is_moe:
+            return specs.get_gpt_decoder_block_spec(config, use_transformer_engine=True)
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    first = get_transformer_layer_offset(config)
+    n = get_num_layers_to_build(config)
+    dense = _local_layer(arch, moe=False)
+    moe = _local_layer(arch, moe=True) if arch.is_moe else None
+    layers = [moe if i in arch.moe_layers else dense for i in range(first, first + n)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=LocalRMSNorm)
 
 
 def build_gpt(
@@ -243,6 +294,19 @@ class RoleModel:
     @property
     def model(self):
         return self.chunks[0]
+
+    @property
+    def lockstep_group(self):
+        """The process group whose ranks must run this role's forward passes together, however
+        many sequences each has: the expert-parallel group of an MoE model at EP > 1 (its MoE
+        layers exchange tokens with all-to-alls over it). None for dense models."""
+        if not self.arch.is_moe:
+            return None
+        from megatron.core import parallel_state as ps
+
+        if ps.get_expert_model_parallel_world_size() == 1:
+            return None
+        return ps.get_expert_model_parallel_group()
 
     @property
     def sequence_multiple(self) -> int:

@@ -103,6 +103,12 @@ class ModelsConfig:
         "auto",
         help="layer implementation: Transformer Engine when available (auto), or local",
     )
+    gpu_memory_gb: float | None = flag(
+        None,
+        help="memory per GPU in GB: a layout whose estimated per-GPU memory (printed at start) "
+        "exceeds it is refused before any model is built",
+        default_help="the device's memory with CUDA; no check without",
+    )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from megatron_gopd.trainer.data import DEFAULT_DOMAIN, Prompt, load_prompts
 from megatron_gopd.trainer.routing import DomainRouting
 from megatron_gopd.utils import GopdError, check_writable, get_logger
 
-__all__ = ["Inputs", "describe_domains", "load_tokenizer", "validate_inputs"]
+__all__ = ["Inputs", "check_memory", "describe_domains", "load_tokenizer", "validate_inputs"]
 
 log = get_logger(__name__)
 
@@ -64,6 +64,12 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
         if path:
             check_writable(path, flag, directory=True)
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
+    if student.is_moe:
+        raise GopdError(
+            f"the student {cfg.models.student_load} is a mixture-of-experts model "
+            f"({student.hf_architecture}): MoE students are not supported (teachers and "
+            f"references may be MoE)"
+        )
     teachers = cfg.routing.teachers
     for key, path in teachers.items():
         arch = read_checkpoint_meta(resolve_checkpoint(path)).arch
@@ -95,6 +101,12 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
             arch = read_checkpoint_meta(resolve_checkpoint(cfg.routing.references[key])).arch
             check_vocab_compatible(student, arch, f"reference ({d})")
             _check_logits_comparable(cfg, student, arch, f"reference ({d})")
+    if cfg.loss.estimator != "sampled" and cfg.parallel.ep > 1:
+        raise GopdError(
+            f"--gopd-estimator {cfg.loss.estimator} runs the frozen roles per micro-batch of the "
+            f"student, which expert parallelism cannot keep in step: use the sampled estimator "
+            f"with --expert-model-parallel-size {cfg.parallel.ep}"
+        )
     if parallel.is_rank0():
         for line in describe_domains(cfg, routing, prompts, eval_prompts, skipped):
             log.info("%s", line)
@@ -104,6 +116,62 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
             f"student's last stage: use --pipeline-model-parallel-size 1"
         )
     return Inputs(prompts, eval_prompts, routing)
+
+
+def check_memory(cfg, routing: DomainRouting, world_size: int) -> None:
+    """Print each role's estimated per-GPU memory for this layout (rank 0) and refuse a layout
+    that cannot fit ``--gpu-memory-gb`` (default: the device's memory; no check on a CPU)."""
+    from megatron_gopd import parallel, platform
+    from megatron_gopd.models import memory
+
+    par = cfg.parallel
+    lay = memory.Layout(
+        tp=par.tp,
+        pp=par.pp,
+        ep=par.ep,
+        dp=max(world_size // (par.tp * par.pp), 1),
+        sequence_parallel=par.sequence_parallel,
+    )
+    # one micro-batch of the longest sequences the data and the rollouts allow
+    tokens = cfg.micro_batch_size * (cfg.data.max_prompt_len + cfg.rollout.max_response_len)
+    common = dict(bf16=cfg.models.bf16, tokens=tokens)
+
+    def estimate(name, path, trainable):
+        ckpt = resolve_checkpoint(path)
+        return memory.estimate_role(
+            name,
+            read_checkpoint_meta(ckpt).arch,
+            lay,
+            trainable=trainable,
+            distributed_optimizer=cfg.optim.use_distributed_optimizer,
+            source=str(ckpt.resolve()),
+            **common,
+        )
+
+    student = estimate("student", cfg.models.student_load, True)
+    frozen = [
+        estimate(f"teacher:{k}", cfg.routing.teachers[k], False) for k in routing.teacher_keys
+    ]
+    frozen += [
+        estimate(f"reference:{k}", cfg.routing.references[k], False) for k in routing.reference_keys
+    ]
+    if parallel.is_rank0():
+        log.info(
+            "estimated memory per GPU (TP=%d PP=%d EP=%d DP=%d, micro-batch of %d tokens):\n%s",
+            lay.tp,
+            lay.pp,
+            lay.ep,
+            lay.dp,
+            tokens,
+            memory.format_table([student, *frozen]),
+        )
+    budget = cfg.models.gpu_memory_gb
+    if budget is None and platform.cuda_available():
+        import torch
+
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+    if budget is not None:
+        memory.check_fits(student, frozen, budget, offload_frozen=cfg.models.offload_frozen)
 
 
 def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int]) -> list[str]:

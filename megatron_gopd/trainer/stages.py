@@ -40,7 +40,7 @@ from megatron_gopd.scoring import score_sequences
 from megatron_gopd.trainer import checkpointing
 from megatron_gopd.trainer.config import TrainConfig, check_world
 from megatron_gopd.trainer.data import Prompt, PromptDataset, PromptIterator
-from megatron_gopd.trainer.preflight import load_tokenizer, validate_inputs
+from megatron_gopd.trainer.preflight import check_memory, load_tokenizer, validate_inputs
 from megatron_gopd.trainer.tracking import (
     MetricsLogger,
     PhaseTimer,
@@ -90,9 +90,10 @@ class GOPDTrainer:
         self.tokenizer = load_tokenizer(cfg)
         inputs = validate_inputs(cfg, self.tokenizer)
         self.routing = inputs.routing  # domain -> teacher, reference or none, lambda
-        # the rollout servers are checked (rank 0) before any model is built
+        # the memory of the layout and the rollout servers are checked before any model is built
         parallel.initialize(cfg.parallel, seed=cfg.seed)
         check_world(cfg, parallel.world_size())
+        check_memory(cfg, self.routing, parallel.world_size())
         self.rollout = rollout_factory(cfg, self.tokenizer)
         self.rollout.check_reachable()
 
@@ -238,6 +239,10 @@ class GOPDTrainer:
             k = key_of(s)
             if k is not None and s.response_len > 0:
                 groups[k].append(i)
+        # an MoE role at EP > 1 runs on every rank of its expert group, with or without samples
+        for k, role in roles.items():
+            if role.lockstep_group is not None:
+                groups.setdefault(k, [])
         out: list[torch.Tensor | None] = [None] * len(samples)
         for k in sorted(groups):
             mine = [samples[i] for i in groups[k]]
