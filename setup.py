@@ -34,6 +34,7 @@ BASE = [
     # rollout client: asyncio HTTP with bounded concurrency (SGLang's own benchmarks use it);
     # 3.9 is the first with the timeout/connector API we use, 4.x is unreleased
     "aiohttp>=3.9,<4",
+    "packaging>=20",  # SGLang version comparisons (also a dependency of transformers)
 ]
 
 EVAL = [
@@ -44,8 +45,16 @@ EVAL = [
 EXTRAS = {
     "gpu": [
         "transformer-engine[pytorch]>=2.4",
-        # the rollout protocol is pinned to SGLang 0.5.23's schema (megatron_gopd.rollout.protocol);
-        # the fields we use are the same back to 0.5.4
+        # The rollout protocol is pinned to SGLang 0.5.23's schema (megatron_gopd.rollout.protocol);
+        # the fields we use are the same back to 0.5.4. What differs by version is handled by
+        # version, read from each server (rollout.protocol.SGLangFeatures; bisected over the PyPI
+        # wheels' srt/entrypoints/http_server.py, srt/managers/io_struct.py, srt/constants.py,
+        # srt/utils/auth.py): load_format="flattened_bucket" on update_weights_from_distributed
+        # first in 0.5.6 (0.5.5.post3 lacks it: older servers get one broadcast per tensor);
+        # /weights_checker and /server_info 0.5.6; --admin-api-key 0.5.8; /ready* without a key
+        # 0.5.20; /begin_weight_update + /end_weight_update required around tensor and
+        # distributed updates from 0.5.21 (absent before); the cuda_graph memory tag 0.5.4.post3.
+        # So 0.5.4 stays the floor; --weight-sync-check needs 0.5.6+ for Qwen models.
         "sglang>=0.5.4",
         "sglang-router>=0.2",
     ],

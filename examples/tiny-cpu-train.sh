@@ -24,6 +24,7 @@ ARGS=(
     --eval-grader exact
     --apply-chat-template
     --rollout-engine cpu
+    --sglang-enable-deterministic-inference # fixed evaluation samples from their seeds
     --rollout-batch-size 8
     --n-samples-per-prompt 2
     --max-response-len 8

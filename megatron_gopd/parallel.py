@@ -97,6 +97,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     A plain ``python -m ...`` run without torchrun variables becomes a world of one.
     """
     platform.setup()
+    _checkpoint_queue_dies_with_us()
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -113,6 +114,27 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
         backend=backend or platform.default_backend(),
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
+
+
+def _checkpoint_queue_dies_with_us() -> None:
+    """dist_checkpointing's writer queue lives in a Manager process (spawn; fork on CPU, see
+    ``platform``), which outlives a trainer killed with SIGKILL: make it one that exits with us."""
+    if not platform.cuda_available():
+        return  # platform's CPU patch does it
+    try:
+        import megatron.core.dist_checkpointing.strategies.filesystem_async as fsa
+    except ImportError:
+        return
+    from megatron_gopd.utils import parent_bound_manager
+
+    def _queue(*_a, **_k):
+        if getattr(fsa, "_results_queue", None) is None:
+            fsa._results_queue = parent_bound_manager("spawn").Queue()
+        return fsa._results_queue
+
+    for name in ("_get_write_results_queue", "get_write_results_queue"):  # 0.16.x, 0.19.x
+        if hasattr(fsa, name):
+            setattr(fsa, name, _queue)
 
 
 def initialize(cfg: ParallelConfig, seed: int = 1234) -> None:

@@ -22,7 +22,8 @@ sync       ``synchronize`` / ``empty_cache`` / memory counters are no-ops.
 rng        the tensor-parallel RNG tracker forks the CPU generator instead of CUDA's.
 streams    dummy ``torch.cuda.Stream`` / ``current_stream`` (0.19.x DDP grad sync).
 ckptq      dist_checkpointing's async writer queue uses a fork Manager instead of spawn
-           (spawn re-imports ``__main__``: 6-15 s per first save on 2 cores).
+           (spawn re-imports ``__main__``: 6-15 s per first save on 2 cores), one that
+           exits with the trainer (a plain Manager outlives a SIGKILLed parent).
 recompute  activation recomputation re-runs layers inside ``backward``, where the ``mode``
            group's TorchFunctionMode is not active (autograd pops it), so the recomputed
            forward runs under it explicitly; and 0.16/0.19's ``CheckpointWithoutOutput`` takes
@@ -174,13 +175,13 @@ def _patch_streams():
 
 
 def _patch_ckptq():
-    import multiprocessing as mp
-
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fsa
+
+    from megatron_gopd.utils import parent_bound_manager
 
     def _queue(*_a, **_k):
         if getattr(fsa, "_results_queue", None) is None:
-            fsa._results_queue = mp.get_context("fork").Manager().Queue()
+            fsa._results_queue = parent_bound_manager("fork").Queue()
         return fsa._results_queue
 
     if hasattr(fsa, "_get_write_results_queue"):  # 0.16.x

@@ -15,9 +15,11 @@ __all__ = [
     "GopdError",
     "check_writable",
     "cli_errors",
+    "exit_with_parent",
     "free_port",
     "get_logger",
     "json_object_line",
+    "parent_bound_manager",
     "read_text_file",
 ]
 
@@ -35,6 +37,33 @@ def json_object_line(path: str | Path, lineno: int, line: str) -> dict:
     if not isinstance(rec, dict):
         raise GopdError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
     return rec
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """In a helper process: exit as soon as ``parent_pid`` is no longer its parent (the parent
+    died, however: SIGKILL runs no clean-up). A daemon thread polls the parent pid, which, unlike
+    ``PR_SET_PDEATHSIG``, does not depend on which of the parent's threads forked us."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def parent_bound_manager(method: str):
+    """A started ``multiprocessing`` SyncManager (``method``: fork, spawn, forkserver) whose
+    server process exits when this process is gone. A plain Manager's server outlives a parent
+    killed with SIGKILL (measured: fork, spawn and forkserver alike) and sits there forever."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context(method))
+    manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
+    return manager
 
 
 def read_text_file(path: str | Path, what: str) -> str:

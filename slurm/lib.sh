@@ -132,6 +132,8 @@ gopd_defaults() {
     ROLLOUT_HEALTH_PATH=/health_generate
     ROLLOUT_HEALTH_TIMEOUT=1800
     ROLLOUT_URLS_FLAG=--rollout-urls
+    ROLLOUT_ENGINE=sglang
+    ROLLOUT_AUTH=1
 }
 
 gopd_apply_sets() {
@@ -181,7 +183,7 @@ gopd_validate() {
     local v
     for v in NODES GPUS_PER_NODE ROLLOUT_NODES ROLLOUT_GPUS_PER_SERVER ROLLOUT_PORT \
         ROLLOUT_PORT_STRIDE ROLLOUT_HEALTH_TIMEOUT MAX_REQUEUES TIME_LIMIT_WARNING \
-        SITE_SHARED_HOST_PORT_OFFSET; do
+        SITE_SHARED_HOST_PORT_OFFSET ROLLOUT_AUTH; do
         gopd_is_uint "${!v}" || gopd_die "$v=${!v}: expected a non-negative integer"
     done
     ((NODES >= 1)) || gopd_die "NODES must be at least 1"
@@ -223,6 +225,63 @@ gopd_validate() {
             fi
             ;;
         *) gopd_die "ROLLOUT_MODE=$ROLLOUT_MODE: expected none, colocated or disaggregated" ;;
+    esac
+    case $ROLLOUT_ENGINE in sglang | cpu) ;;
+        *) gopd_die "ROLLOUT_ENGINE=$ROLLOUT_ENGINE: expected sglang or cpu" ;;
+    esac
+    gopd_validate_trainer
+    return 0
+}
+
+# The value of FLAG in the recipe's ARGS (the last one wins, as in argparse), or DEFAULT.
+gopd_arg_value() {
+    local flag=$1 default=$2 i value=$2
+    for ((i = 0; i < ${#ARGS[@]}; i++)); do
+        [[ ${ARGS[i]} == "$flag" ]] && value=${ARGS[i + 1]:-$default}
+    done
+    printf '%s\n' "$value"
+}
+
+gopd_has_arg() {
+    local a
+    for a in "${ARGS[@]}"; do [[ $a == "$1" ]] && return 0; done
+    return 1
+}
+
+gopd_is_trainer() { [[ "${ENTRY[*]}" == "-m megatron_gopd.train" ]]; }
+
+# The transport --weight-sync resolves to in the trainer (auto: tensor when colocated).
+gopd_weight_sync() {
+    local ws
+    ws=$(gopd_arg_value --weight-sync auto)
+    if [[ $ws == auto ]]; then
+        if gopd_has_arg --rollout-colocate; then ws=tensor; else ws=distributed; fi
+    fi
+    printf '%s\n' "$ws"
+}
+
+# What the trainer would refuse after its models are built, refused before anything is submitted.
+gopd_validate_trainer() {
+    gopd_is_trainer || return 0
+    case $ROLLOUT_MODE in
+        colocated)
+            gopd_has_arg --rollout-colocate || gopd_die "ROLLOUT_MODE=colocated: the trainer" \
+                "needs --rollout-colocate in ARGS (it releases the servers' memory while it trains)"
+            [[ $(gopd_weight_sync) != distributed ]] || gopd_die "ROLLOUT_MODE=colocated with" \
+                "--weight-sync distributed: NCCL refuses a trainer rank and a server rank on one GPU;" \
+                "colocated servers take --weight-sync tensor (CUDA IPC, what auto picks)"
+            ((ROLLOUT_SERVERS_PER_NODE * ROLLOUT_GPUS_PER_SERVER == NPROC_PER_NODE)) || gopd_die \
+                "ROLLOUT_MODE=colocated: $ROLLOUT_SERVERS_PER_NODE server(s) x $ROLLOUT_GPUS_PER_SERVER" \
+                "GPU(s) per node must cover the NPROC_PER_NODE=$NPROC_PER_NODE trainer GPUs (each server" \
+                "TP rank gets its weights from the trainer rank on its GPU)"
+            ;;
+        disaggregated)
+            ! gopd_has_arg --rollout-colocate || gopd_die "ROLLOUT_MODE=disaggregated: drop" \
+                "--rollout-colocate from ARGS (the servers have nodes of their own)"
+            [[ $(gopd_weight_sync) != tensor ]] || gopd_die "ROLLOUT_MODE=disaggregated with" \
+                "--weight-sync tensor: CUDA IPC handles open only on their own node"
+            ;;
+        *) ;;
     esac
     return 0
 }
@@ -298,12 +357,20 @@ gopd_server_port() {
 
 # ------------------------------------------------------------------------------ commands
 
+# The file holding the API key of rollout server J on node NODE (SGLang's --config YAML): on the
+# node's own disk, mode 600, removed when the node's task ends; a key on a command line would be
+# readable by every user of the node.
+gopd_server_auth_file() {
+    printf '%s/gopd-%s-node%s-server%s.yaml\n' "${TMPDIR:-/tmp}" "$GOPD_JOB_ID" "$1" "$2"
+}
+
 # The command of rollout server J on node NODE, listening on PORT, into the array CMD.
 # A recipe may redefine this function (after the library is loaded, recipes are sourced),
 # e.g. to start another server, or the trainer's own launcher.
 rollout_server_command() {
-    local node=$1 j=$2 port=$3
-    CMD=("$SITE_PYTHON" -m sglang.launch_server
+    local node=$1 j=$2 port=$3 module=sglang.launch_server
+    [[ $ROLLOUT_ENGINE == cpu ]] && module=megatron_gopd.cpu_server # the CPU stand-in (CI)
+    CMD=("$SITE_PYTHON" -m "$module"
         --model-path "${ROLLOUT_MODEL:?the recipe must set ROLLOUT_MODEL (an HF model directory)}"
         --host 0.0.0.0 --port "$port"
         # explicit: SGLang otherwise picks port+random for NCCL, racing its neighbours on the node
@@ -316,7 +383,58 @@ rollout_server_command() {
         # (/release_memory_occupation) and take them back for rollouts (/resume_memory_occupation)
         CMD+=(--enable-memory-saver)
     fi
+    if ((ROLLOUT_AUTH)); then
+        # --api-key GOPD_ROLLOUT_API_KEY, from a file only this user can read
+        CMD+=(--config "$(gopd_server_auth_file "$node" "$j")")
+    fi
     CMD+=("${ROLLOUT_SERVER_ARGS[@]}")
+}
+
+# Writes the --config file of server J on node NODE with the job's key (not in a dry run).
+gopd_write_server_auth() {
+    ((ROLLOUT_AUTH)) && ((!DRY_RUN)) || return 0
+    local file
+    file=$(gopd_server_auth_file "$1" "$2")
+    [[ -n ${GOPD_ROLLOUT_API_KEY:-} ]] || gopd_die "ROLLOUT_AUTH=1 but no GOPD_ROLLOUT_API_KEY" \
+        "in the environment (the batch step makes one)"
+    (
+        umask 077
+        printf 'api-key: "%s"\n' "$GOPD_ROLLOUT_API_KEY" >"$file"
+    )
+    GOPD_AUTH_FILES+=("$file")
+}
+
+# The batch step's key for this job's servers (unless the submitter exported one): the servers
+# read it from their --config files, the trainer from its environment.
+gopd_make_api_key() {
+    ((ROLLOUT_AUTH)) && ((ROLLOUT_NODES + ROLLOUT_SERVERS_PER_NODE > 0)) || return 0
+    if [[ -z ${GOPD_ROLLOUT_API_KEY:-} ]]; then
+        GOPD_ROLLOUT_API_KEY=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+    fi
+    export GOPD_ROLLOUT_API_KEY
+}
+
+# Comment lines: how the trainer's weights reach server J on node NODE (the transport the
+# trainer's --weight-sync resolves to, and which trainer ranks feed it).
+gopd_print_weight_sync() {
+    gopd_is_trainer || return 0
+    local node=$1 j=$2 tp=$ROLLOUT_GPUS_PER_SERVER ws first t
+    ws=$(gopd_weight_sync)
+    case $ws in
+        tensor)
+            first=$((node * NPROC_PER_NODE + j * tp))
+            for ((t = 0; t < tp; t++)); do
+                printf '#   weights: tensor (CUDA IPC) to TP rank %d <- trainer rank %d, GPU %d of this node\n' \
+                    "$t" $((first + t)) $((j * tp + t))
+            done
+            ;;
+        distributed)
+            first=$((1 + ((node - NODES) * ROLLOUT_SERVERS_PER_NODE + j) * tp))
+            printf '#   weights: distributed (broadcast from trainer rank 0: NCCL, gloo on CPU), group ranks %d..%d\n' \
+                "$first" $((first + tp - 1))
+            ;;
+        *) printf '#   weights: %s\n' "$ws" ;;
+    esac
 }
 
 # torchrun on training node RANK, into the array CMD. Static rendezvous: node ranks follow the
@@ -388,13 +506,16 @@ gopd_node_main() {
     local host=${GOPD_HOSTS[idx]}
     GOPD_SERVER_PIDS=()
     GOPD_TRAIN_PID=""
+    GOPD_AUTH_FILES=()
     gopd_node_setup
     if gopd_node_has_servers "$idx"; then
         for ((j = 0; j < ROLLOUT_SERVERS_PER_NODE; j++)); do
             port=$(gopd_server_port "$idx" "$j")
             rollout_server_command "$idx" "$j" "$port"
+            gopd_write_server_auth "$idx" "$j"
             gopd_start_bg "$GOPD_LOG_DIR/node$idx-$host-server$j.log" "${CMD[@]}"
             GOPD_SERVER_PIDS+=("$GOPD_LAST_PID")
+            ((DRY_RUN)) && gopd_print_weight_sync "$idx" "$j"
         done
     fi
     if [[ $role == train ]]; then
@@ -677,6 +798,10 @@ gopd_print_plan() {
     local kv
     for kv in "${GOPD_ENV[@]}"; do printf 'export %s=%s\n' "${kv%%=*}" "$(gopd_quote "${kv#*=}")"; done
     printf '\n## batch step (on %s); logs in %s\n' "${GOPD_HOSTS[0]}" "$GOPD_LOG_DIR"
+    if ((ROLLOUT_AUTH && ROLLOUT_NODES + ROLLOUT_SERVERS_PER_NODE > 0)); then
+        printf '# GOPD_ROLLOUT_API_KEY: a random key for this job, made here; the servers read it from\n'
+        printf '# mode-600 --config files on their nodes, the trainer from its environment\n'
+    fi
     if ((ROLLOUT_NODES)); then
         gopd_srun_command rollout
         gopd_print_cmd "${CMD[@]}" "&"

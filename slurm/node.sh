@@ -25,6 +25,7 @@ on_exit() {
     GOPD_STOPPING=1
     gopd_stop_children TERM
     for pid in $GOPD_TRAIN_PID "${GOPD_SERVER_PIDS[@]}"; do gopd_reap "$pid"; done
+    rm -f "${GOPD_AUTH_FILES[@]}"
     gopd_log "node exits with status $rc"
     exit "$rc"
 }
@@ -50,6 +51,7 @@ main() {
     gopd_log "=== job $GOPD_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, node $idx ($host), $role ==="
     GOPD_SERVER_PIDS=()
     GOPD_TRAIN_PID=""
+    GOPD_AUTH_FILES=()
     trap 'on_signal TERM' TERM
     trap 'on_signal INT' INT
     trap gopd_checkpoint_and_stop USR1

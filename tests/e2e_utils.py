@@ -33,6 +33,8 @@ def train_args(w: dict[str, Path], save: Path, *extra: str, steps: int = 4) -> l
         "--apply-chat-template",
         "--rollout-engine",
         "cpu",
+        # seeded rollouts (the resume tests compare runs number for number) need it, as on SGLang
+        "--sglang-enable-deterministic-inference",
         "--rollout-batch-size",
         "8",
         "--n-samples-per-prompt",

@@ -63,7 +63,7 @@ def test_flags_have_the_documented_defaults_and_choices():
         "--gopd-top-k": 64,
         "--fdiv-max-log-ratio": 20.0,
         "--fdiv-advantage": "corrected",
-        "--weight-sync": "distributed",
+        "--weight-sync": "auto",
         "--weight-sync-bucket-mb": 512,
     }
     for name, value in expected.items():

@@ -34,6 +34,8 @@ EXPECTED = [
     "slurm/submit.sh --dry-run examples/exopd-qwen3-4b.sh",
     "slurm/submit.sh examples/exopd-qwen3-4b.sh",
     "python examples/tiny_cpu_prepare.py /tmp/tiny",
+    "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-disaggregated.sh",
+    "python examples/tiny_cpu_prepare.py /tmp/tiny",
     "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-score.sh",
     "python examples/tiny_cpu_prepare.py /tmp/tiny",
     "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-train.sh",
@@ -98,7 +100,9 @@ def test_tiny_cpu_prepare_as_a_script(tiny):
         assert (tiny / name).is_file(), name
 
 
-@pytest.mark.parametrize("recipe", ["tiny-cpu-score.sh", "tiny-cpu-train.sh"])
+@pytest.mark.parametrize(
+    "recipe", ["tiny-cpu-score.sh", "tiny-cpu-train.sh", "tiny-cpu-disaggregated.sh"]
+)
 def test_tiny_recipes_plan_on_the_prepared_directory(tiny, recipe):
     """The documented submission, as its dry run: the plan runs the entry point on the files
     the prepare script wrote."""

@@ -4,10 +4,13 @@ References are independent of the server: the HF model run in this process (full
 cache) for log-probs, and the sampling rules themselves for stop ids / lengths / seeds.
 """
 
+import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -35,7 +38,9 @@ def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("client")
     hf = make_tiny_hf_model(d / "hf", "qwen2", tied=True, seed=3)
     hf.config._attn_implementation = "eager"
-    with RolloutServers(ServerLaunchConfig(backend="cpu", model_path=str(d / "hf"))) as servers:
+    # seeded sampling is reproducible only with --enable-deterministic-inference, as in SGLang
+    cfg = ServerLaunchConfig(backend="cpu", model_path=str(d / "hf"), deterministic=True)
+    with RolloutServers(cfg) as servers:
         yield servers, hf.eval()
 
 
@@ -264,12 +269,56 @@ def test_admin_calls(served):
     assert client.health() == {servers.urls[0]: True}
     assert client.health(generate=True) == {servers.urls[0]: True}
     client.release_memory(["weights"])
-    client.resume_memory()
+    assert client.released_memory(servers.urls[0]) == {"weights"}
+    client.resume_memory()  # what it released, no more: SGLang raises on other tags
+    assert client.released_memory(servers.urls[0]) == set()
+    status, body = http_json(servers.urls[0] + "/resume_memory_occupation", {"tags": ["kv_cache"]})
+    assert status == 400 and "KeyError" in body["error"]["message"]
     client.abort()
     client.flush_cache()
     info = client.server_info(servers.urls[0])
     assert info["tp_size"] == 1 and "0.5.23" in info["version"]
     assert json.loads(json.dumps(info))  # plain JSON
+
+
+def _server_idle_after(url: str, timeout_s: float) -> float | None:
+    """Seconds until the server is idle (SGLang flushes its cache only then), or None."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if http_json(url + "/flush_cache", method="POST")[0] == 200:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["unseeded", "seeded"])
+def test_a_cancelled_rollout_aborts_its_requests_on_the_server(served, seeded):
+    """A rollout that stops half-way (an error elsewhere, Ctrl-C) aborts what it started: the
+    server is idle at once instead of generating every sample to the end. SGLang aborts exact
+    request ids only, and gives the children of an n > 1 request random ones."""
+    servers, _ = served
+    url = servers.urls[0]
+    client = RolloutClient(servers.urls, ClientConfig(progress=False))
+    cfg = SamplingConfig(max_new_tokens=240, ignore_eos=True, seed=5 if seeded else None)
+    full = time.monotonic()
+    client.sample(prompts(6, length=4), n=4, sampling=cfg)
+    full = time.monotonic() - full
+
+    async def cancel_midway():
+        task = asyncio.create_task(client.asample(prompts(6, length=4), n=4, sampling=cfg))
+        while (
+            client.last_report.requests == 0
+            or http_json(url + "/flush_cache", method="POST")[0] == 200
+        ):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
+    idle = _server_idle_after(url, timeout_s=full + 30)
+    print(f"uninterrupted rollout {full:.2f}s; idle {idle}s after the cancel")
+    assert full > 2.0 and idle is not None and idle < 0.5, (idle, full)
 
 
 def test_flush_cache_retries_while_busy(served):

@@ -60,7 +60,10 @@ def _complete(samples):
 def pool(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     make_tiny_hf_model(d / "hf", "llama", seed=4)
-    cfg = ServerLaunchConfig(backend="cpu", model_path=str(d / "hf"), num_servers=2)
+    # seeded samples are reproducible (and server-independent) with deterministic inference only
+    cfg = ServerLaunchConfig(
+        backend="cpu", model_path=str(d / "hf"), num_servers=2, deterministic=True
+    )
     with RolloutServers(cfg) as servers:
         yield servers
 

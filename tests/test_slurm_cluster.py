@@ -89,9 +89,10 @@ def job_logs(workdir: Path, name: str, job: int) -> tuple[str, dict[str, str]]:
 
 
 def rollout_port() -> int:
-    """A base port for the stub servers: free, and free 100 above it too (the second emulated node,
-    SITE_SHARED_HOST_PORT_OFFSET), below the ephemeral range that live connections draw from and
-    above the MASTER_PORTs of test jobs (20000 + job id)."""
+    """A base port for the stub servers: free (and 100 above it, should a site config shift each
+    node's ports), below the ephemeral range that live connections draw from and above the
+    MASTER_PORTs of test jobs (20000 + job id). Each emulated node is a network namespace of its
+    own, so the two nodes' servers may share a port."""
     import random
     import socket
 
@@ -161,9 +162,14 @@ def _hf_logprobs(hf_dir: Path, records: list[dict]) -> list[list[float]]:
     return out
 
 
-def test_tiny_cpu_run_on_two_nodes(slurm_env, tmp_path):
-    tiny = tmp_path / "tiny"
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tiny = tmp_path_factory.mktemp("tiny")
     _prepare_tiny(str(tiny))
+    return tiny
+
+
+def test_tiny_cpu_run_on_two_nodes(slurm_env, tmp_path, tiny):
     start = time.monotonic()
     rc, out, job = finish(submit(slurm_env, tmp_path, TINY_RECIPE, f"TINY_DIR={tiny}"), 300)
     elapsed = time.monotonic() - start
@@ -202,6 +208,45 @@ def check_training(tiny: Path) -> None:
     assert (tiny / "run" / "latest").read_text().strip() == "iter_0000003"
     assert metrics[-1]["eval/reverse_kl"] < metrics[0]["eval/reverse_kl"]
     assert all(m["train/rollout_abs_log_ratio"] < 1e-4 for m in metrics[1:])
+
+
+# ---------------------------------------------------------------------------------- disaggregated
+
+DISAGG_RECIPE = ROOT / "examples" / "tiny-cpu-disaggregated.sh"
+
+
+def test_disaggregated_run_across_two_network_namespaces(slurm_env, tmp_path, tiny):
+    """The disaggregated layout for real: the CPU rollout server on n2, the trainer on n1, each
+    node a network namespace with its own address (a node's 127.0.0.1 reaches nothing of the
+    other), weights pushed with --weight-sync distributed (gloo) across them after every step
+    and verified (--weight-sync-check), rollout and trainer log-probs within 1e-4."""
+    start = time.monotonic()
+    rc, out, job = finish(submit(slurm_env, tmp_path, DISAGG_RECIPE, f"TINY_DIR={tiny}"), 300)
+    elapsed = time.monotonic() - start
+    batch, nodes = job_logs(tmp_path, DISAGG_RECIPE.stem, job)
+    everything = out + batch + "".join(nodes.values())
+    assert rc == 0, everything
+    assert sorted(nodes) == ["node0-n1.log", "node1-n2-server0.log", "node1-n2.log"], nodes.keys()
+    trainer, server = nodes["node0-n1.log"], nodes["node1-n2-server0.log"]
+    # the two nodes' addresses (slurm/ci/cluster.sh): the trainer dials the server's, and hands the
+    # server its own as the rendezvous address, never a loopback
+    addrs = subprocess.check_output(["scontrol", "show", "node", "-o"], env=slurm_env, text=True)
+    n1, n2 = (re.search(rf"NodeName={n} .*?NodeAddr=(\S+)", addrs).group(1) for n in ("n1", "n2"))
+    assert not n1.startswith("127.") and not n2.startswith("127.") and n1 != n2
+    assert f"--rollout-urls http://{n2}:30000" in trainer
+    groups = re.findall(r"weight-update group \S+ at tcp://(\S+):\d+", trainer)
+    assert groups and all(g == n1 for g in groups), groups
+    # every push (the initial one and one per step) reached the server and was verified there
+    pushes = re.findall(r"weights (\d+): .*checked: checksums on 1 server\(s\)", trainer)
+    assert pushes == ["0", "1", "2", "3"], trainer
+    assert "Traceback" not in server, server
+    metrics = [
+        json.loads(line)
+        for line in (tiny / "run-disaggregated" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert all(m["train/rollout_abs_log_ratio"] <= 1e-4 for m in metrics[1:]), metrics
+    print(f"disaggregated CPU run: job {job}, {elapsed:.1f} s from sbatch to exit status")
 
 
 # ---------------------------------------------------------------------------------- failure

@@ -116,6 +116,15 @@ def test_dry_run_of_a_4_node_gpu_job_starts_colocated_servers_and_torchrun_on_ev
         assert f"--nnodes=4 --node-rank={n} --nproc-per-node=8 --master-addr=node001" in torchrun
         assert "-m megatron_gopd.train" in torchrun
         assert torchrun.endswith("--rollout-urls " + " ".join(all_urls))
+        # each colocated server takes its weights over CUDA IPC from the trainer rank on its GPU,
+        # and its API key from a private file on its node
+        transports = re.findall(r"^#   weights: (.*)$", section, flags=re.M)
+        assert transports == [
+            f"tensor (CUDA IPC) to TP rank 0 <- trainer rank {8 * n + j}, GPU {j} of this node"
+            for j in range(8)
+        ]
+        for j, server in enumerate(servers):
+            assert f"--config /tmp/gopd-0-node{n}-server{j}.yaml" in server
         # the servers start first, the health wait comes before torchrun
         assert section.index("# wait") < section.index("python -m torch.distributed.run")
 
@@ -139,6 +148,14 @@ def test_dry_run_of_a_disaggregated_job_puts_the_servers_on_their_own_nodes():
         servers = commands(nodes[n], "python -m sglang.launch_server")
         assert len(servers) == 8 and not any("--enable-memory-saver" in s for s in servers)
         assert not commands(nodes[n], "python -m torch.distributed.run")
+        # the servers have GPUs of their own: one NCCL group, trainer rank 0 + every server rank
+        transports = re.findall(r"^#   weights: (.*)$", nodes[n], flags=re.M)
+        first = 1 + (n - 2) * 8
+        assert transports == [
+            f"distributed (broadcast from trainer rank 0: NCCL, gloo on CPU), group ranks "
+            f"{first + j}..{first + j}"
+            for j in range(8)
+        ]
 
 
 def test_dry_run_of_the_tiny_cpu_recipe_starts_no_servers():
@@ -186,6 +203,8 @@ def test_arguments_after_the_recipe_are_appended_to_its_args():
         (["TIME_LIMIT=soon"], "not a Slurm time"),
         (["NODES=0"], "NODES must be at least 1"),
         (["GPUS_PER_NODE=eight"], "expected a non-negative integer"),
+        (["ROLLOUT_ENGINE=vllm"], "expected sglang or cpu"),
+        (["ROLLOUT_SERVERS_PER_NODE=4"], "must cover the NPROC_PER_NODE=8 trainer GPUs"),
     ],
 )
 def test_recipe_mistakes_are_reported_before_anything_is_submitted(sets, message):
@@ -193,6 +212,19 @@ def test_recipe_mistakes_are_reported_before_anything_is_submitted(sets, message
     out = dry_run("examples/exopd-qwen3-4b.sh", *options)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe,args,message",
+    [
+        ("exopd-qwen3-4b.sh", ("--weight-sync", "distributed"), "NCCL refuses a trainer rank"),
+        ("exopd-qwen3-4b-disaggregated.sh", ("--rollout-colocate",), "drop --rollout-colocate"),
+        ("exopd-qwen3-4b-disaggregated.sh", ("--weight-sync", "tensor"), "open only on their"),
+    ],
+)
+def test_a_transport_that_cannot_work_is_refused_before_submitting(recipe, args, message):
+    out = dry_run(f"examples/{recipe}", args=args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
 def test_a_missing_recipe_or_site_is_reported():
@@ -295,5 +327,9 @@ def test_paper_recipes_are_valid_trainer_commands(recipe, lambdas, teachers, ref
     assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
     assert cfg.rollout.engine == "external" and len(cfg.rollout.urls) >= 16
     assert cfg.rollout.colocate == ("disaggregated" not in recipe)
+    # colocated servers take CUDA IPC, the others an NCCL broadcast
+    assert cfg.rollout.weight_sync_transport == (
+        "tensor" if cfg.rollout.colocate else "distributed"
+    )
     ck = cfg.checkpoint
     assert ck.exit_signal_handler and ck.load == ck.save

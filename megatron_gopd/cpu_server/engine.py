@@ -9,9 +9,13 @@ Semantics follow SGLang 0.5.23 where a trainer can observe them:
   ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` reports untempered log-probs, as in SGLang. Prompt
   log-probs (``input_token_logprobs``, prefill scoring) are never tempered.
 * Sampling: temperature, then top-k, then top-p on the sorted probabilities (SGLang's
-  ``top_k_top_p_min_p_sampling_from_probs_torch``), then a multinomial draw. A request's
-  ``sampling_seed`` seeds a generator of its own, so seeded samples do not depend on what else
-  the server is doing; unseeded ones draw from the server generator (``--random-seed``).
+  ``top_k_top_p_min_p_sampling_from_probs_torch``), then a multinomial draw. As in SGLang, a
+  request's ``sampling_seed`` only counts with ``--enable-deterministic-inference``
+  (``deterministic=True``): it then seeds a generator of its own, so seeded samples do not depend
+  on what else the server is doing, and a request without one uses SGLang's default seed 42.
+  Otherwise every draw comes from the server generator (``--random-seed``) and seeds are ignored.
+* Request ids: each sample runs under a rid; ``/abort_request`` stops the in-flight rid it names
+  exactly (SGLang's tokenizer manager drops unknown rids; it does not match prefixes).
 * Stops: a token in ``stop_token_ids`` or the model's EOS ids (unless ``ignore_eos``) ends the
   sample with ``{"type": "stop", "matched": id}``, the stop token included in ``output_ids``;
   ``max_new_tokens`` or the context length ends it with ``{"type": "length", "length": k}``;
@@ -30,8 +34,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +70,7 @@ class CpuEngine:
         dtype: str = "auto",
         context_length: int | None = None,
         random_seed: int = 0,
+        deterministic: bool = False,
         enable_fp32_lm_head: bool = False,
         device: str = "cpu",
     ):
@@ -95,6 +98,7 @@ class CpuEngine:
         self.vocab_size = int(config.vocab_size)
         self.eos_ids = _eos_ids(model_path, config)
         self.generator = torch.Generator().manual_seed(random_seed)
+        self.deterministic = deterministic
         self.weight_version = "default"
         self.return_original_logprob = os.environ.get(
             "SGLANG_RETURN_ORIGINAL_LOGPROB", ""
@@ -103,9 +107,14 @@ class CpuEngine:
         self.model_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._running = 0
+        self._inflight: set[str] = set()
         self._aborted: set[str] = set()
         self._abort_epoch = 0
         self._groups: dict[str, Any] = {}
+        # False after the weights were released and resumed without a CPU backup (SGLang's
+        # memory saver then hands back uninitialised memory) until every tensor was loaded again
+        self.weights_valid = True
+        self._reloaded: set[str] = set()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -114,22 +123,39 @@ class CpuEngine:
         with self._state_lock:
             return self._running > 0
 
-    def abort(self, rid: str | None, abort_all: bool) -> None:
+    def register(self, rids: list[str]) -> None:
+        """Claim the rids of a request before it runs; a rid already in flight is refused as
+        SGLang 0.5.23 refuses it (``ValueError``, answered 400)."""
+        with self._state_lock:
+            dup = next((r for r in rids if r in self._inflight), None)
+            if dup is None and len(set(rids)) < len(rids):
+                dup = next(r for r in rids if rids.count(r) > 1)
+            if dup is not None:
+                raise ValueError(f"Duplicate request ID detected: {dup}")
+            self._inflight.update(rids)
+
+    def abort(self, rid: str | None, abort_all: bool) -> bool:
+        """Abort every request, or the in-flight request ``rid`` (exact); an unknown rid is
+        ignored, as SGLang ignores it. Returns whether anything was marked."""
         with self._state_lock:
             if abort_all:
                 self._abort_epoch += 1
-            elif rid:
+                return True
+            if rid and rid in self._inflight:
                 self._aborted.add(rid)
+                return True
+            return False
 
     def _is_aborted(self, rid: str, epoch: int) -> bool:
         with self._state_lock:
-            return epoch != self._abort_epoch or any(rid.startswith(a) for a in self._aborted)
+            return epoch != self._abort_epoch or rid in self._aborted
 
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
     def generate(self, items: list[GenItem]) -> list[GenItem]:
-        """Generate every item; items with the same prompt run as one batch."""
+        """Generate every item (their rids claimed with :meth:`register`); items with the same
+        prompt run as one batch."""
         with self._state_lock:
             self._running += 1
             epoch = self._abort_epoch
@@ -144,7 +170,13 @@ class CpuEngine:
                 self._running -= 1
                 for it in items:
                     self._aborted.discard(it.rid)
+                    self._inflight.discard(it.rid)
         return items
+
+    def release(self, rids: list[str]) -> None:
+        """Give back rids claimed by a request that then did not run."""
+        with self._state_lock:
+            self._inflight.difference_update(rids)
 
     def _forward(self, input_ids: torch.Tensor, cache=None):
         """Logits (fp32, on the host, where sampling runs) and the KV cache (on the device)."""
@@ -166,9 +198,12 @@ class CpuEngine:
                 it.input_logprobs = [None, *lp][start:]
         last = logits[:, -1]
         params = [_normalize(it.params) for it in items]
+        # SGLang: sampling_seed counts only in deterministic mode, where None means 42
         gens = [
-            torch.Generator().manual_seed(p["sampling_seed"] % 2**63)
-            if p["sampling_seed"] is not None
+            torch.Generator().manual_seed(
+                (42 if p["sampling_seed"] is None else p["sampling_seed"]) % 2**63
+            )
+            if self.deterministic
             else None
             for p in params
         ]
@@ -251,7 +286,32 @@ class CpuEngine:
         with self.model_lock, torch.no_grad():
             for p, t in staged:
                 p.copy_(t.to(p.dtype))
+            if not self.weights_valid:
+                names = {id(p): n for n, p in params.items()}
+                self._reloaded.update(names[id(p)] for p, _ in staged)
+                if self._reloaded >= set(params) - ({"lm_head.weight"} if self.tied else set()):
+                    self.weights_valid, self._reloaded = True, set()
         return len(staged)
+
+    def invalidate_weights(self) -> None:
+        """What resuming released weights without a CPU backup leaves: memory with no meaning
+        (NaN here, so that a rollout from it cannot pass for a good one)."""
+        with self.model_lock, torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(float("nan"))
+            self.weights_valid, self._reloaded = False, set()
+
+    def checksums(self) -> dict[str, str]:
+        """``/weights_checker`` action ``checksum``: a 64-bit hex hash per parameter (SGLang
+        hashes its own fused, TP-sharded tensors; ours are the HF tensors)."""
+        import hashlib
+
+        out = {}
+        with self.model_lock:
+            for name, p in self.model.named_parameters():
+                data = p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+                out[name] = hashlib.blake2b(data, digest_size=8).hexdigest()
+        return out
 
     def load_from_disk(self, model_path: str) -> int:
         from megatron_gopd.convert.hf_io import HFWeights
@@ -262,6 +322,12 @@ class CpuEngine:
         return n
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list | None:
+        """First ``truncate_size`` rows of a parameter, or None where SGLang cannot say: it
+        implements this for Llama (and its subclasses), Granite, OPT, Exaone4 and EmbeddingGemma2
+        only; Qwen2/Qwen3 answer 400 "Get parameter by name failed"."""
+        archs = set(getattr(self.config, "architectures", None) or [])
+        if not archs & _GET_WEIGHTS_BY_NAME_ARCHS:
+            return None
         params = self._params()
         if name == "lm_head.weight" and self.tied:
             name = "model.embed_tokens.weight"
@@ -279,17 +345,25 @@ class CpuEngine:
         world_size: int,
         group_name: str,
         backend: str,
+        timeout_s: float = 300.0,
     ) -> None:
-        from megatron_gopd.sync.process_group import init_custom_process_group
+        """Join the weight-update group as rank ``rank_offset`` (+ tp_rank, 0 here), waiting at
+        most ``timeout_s`` for the trainer's store (an unreachable master fails, not hangs)."""
+        from datetime import timedelta
+
+        from megatron_gopd.sync.process_group import init_custom_process_group, tcp_url
 
         if backend not in ("gloo",):
             raise ValueError(f"the CPU server supports the gloo backend only, not {backend!r}")
+        if group_name in self._groups:
+            raise ValueError(f"a weight-update group named {group_name!r} exists already")
         self._groups[group_name] = init_custom_process_group(
             backend=backend,
-            init_method=f"tcp://{master_address}:{master_port}",
+            init_method=tcp_url(master_address, master_port),
             world_size=world_size,
-            rank=rank_offset,  # + tp_rank, which is 0 here
+            rank=rank_offset,
             group_name=group_name,
+            timeout=timedelta(seconds=timeout_s),
         )
 
     def destroy_group(self, group_name: str) -> bool:
@@ -343,6 +417,18 @@ class CpuEngine:
             self._forward(torch.tensor([[0]]))
 
 
+# SGLang 0.5.23 models with a ``get_weights_by_name`` (srt/models/*.py), by HF architecture
+_GET_WEIGHTS_BY_NAME_ARCHS = {
+    "LlamaForCausalLM",
+    "Phi3ForCausalLM",
+    "InternLM3ForCausalLM",
+    "GraniteForCausalLM",
+    "OPTForCausalLM",
+    "Exaone4ForCausalLM",
+    "Gemma2Model",
+}
+
+
 def _fp32_lm_head(head: torch.nn.Module) -> None:
     """SGLang's ``--enable-fp32-lm-head``: the LM head's logits are fp32, its bf16 operands
     multiplied with fp32 accumulation and not rounded back to bf16 (the same function the trainer
@@ -392,11 +478,3 @@ def _eos_ids(model_path: str, config) -> set[int]:
         elif isinstance(e, (list, tuple)):
             ids.update(int(x) for x in e)
     return ids
-
-
-def new_rid() -> str:
-    return uuid.uuid4().hex
-
-
-def now() -> float:
-    return time.time()

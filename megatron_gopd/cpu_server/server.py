@@ -3,45 +3,67 @@
 SGLang cannot run on CPU-only machines (its HTTP server imports the CUDA-built ``sgl_kernel``), so
 the rollout client, the launcher and weight sync are exercised against this stand-in::
 
-    python -m megatron_gopd.cpu_server --model-path HF_DIR [--port 30000]
+    python -m megatron_gopd.cpu_server --model-path HF_DIR [--port 30000] [--api-key KEY]
 
-Same endpoints, request checks, response and error shapes as SGLang 0.5.23 (see
-:mod:`megatron_gopd.rollout.protocol`) for what a trainer uses: ``/generate`` (``input_ids`` only:
-the server always runs as with ``--skip-tokenizer-init``), ``/health``, ``/health_generate``,
-``/flush_cache`` (refused while requests run, as SGLang does), ``/abort_request``,
-``/update_weights_from_tensor``, ``/init_weights_update_group`` +
-``/update_weights_from_distributed`` (gloo) + ``/destroy_weights_update_group``,
-``/update_weights_from_disk``, ``/get_weights_by_name``, ``/release_memory_occupation`` and
-``/resume_memory_occupation`` (no-ops that keep the weights), ``/model_info``, ``/server_info``.
-Model semantics are in :mod:`megatron_gopd.cpu_server.engine`.
+It is only worth something if it fails where SGLang fails, so it copies SGLang's behaviour where
+a trainer can trip over it, for the SGLang version it reports (``--emulate-version``, default the
+pinned schema, 0.5.23; the differences are :class:`~megatron_gopd.rollout.protocol.SGLangFeatures`):
 
-Stdlib ``http.server`` with a thread per request: no web framework in the base install, and the
-model is the bottleneck anyway (one model step at a time; requests interleave between steps).
-It binds 127.0.0.1 unless told otherwise: it executes weight updates for anyone who can reach it.
+* Endpoints, request checks, response and error shapes of what a trainer uses (see
+  :mod:`megatron_gopd.rollout.protocol`): ``/generate`` (``input_ids`` only: the server always
+  runs as with ``--skip-tokenizer-init``), ``/health``, ``/health_generate``, ``/flush_cache``
+  (refused while requests run), ``/abort_request`` (exact rids; ``n > 1`` children get random
+  rids, as in SGLang), the weight updates (``/update_weights_from_tensor``,
+  ``/init_weights_update_group`` + ``/update_weights_from_distributed`` over gloo,
+  ``/update_weights_from_disk``), ``/begin_weight_update`` / ``/end_weight_update`` (required
+  around tensor and distributed updates from 0.5.21), ``/weights_checker`` (0.5.6+),
+  ``/get_weights_by_name`` (Llama-family models only, as in SGLang), the memory endpoints,
+  ``/model_info`` and ``/server_info`` (0.5.6+; ``/get_*`` aliases always).
+* Start-up: like SGLang's scheduler, the server creates its own torch.distributed group over
+  ``tcp://HOST:NCCL_PORT`` before it answers ``/health``; started from a torchrun worker's
+  environment (``TORCHELASTIC_USE_AGENT_STORE``) it waits for a store nobody serves, as SGLang does.
+* ``--api-key`` / ``--admin-api-key``: SGLang's auth levels (``srt/utils/auth.py``); 401
+  ``{"error": "Unauthorized"}``. ``/server_info`` echoes the keys, as SGLang's does.
+* Memory: ``/release_memory_occupation`` and ``/resume_memory_occupation`` keep SGLang's tag
+  bookkeeping (resuming a tag that was not released fails; releasing needs an idle server); with
+  ``--enable-memory-saver`` released memory is gone: generation is refused until everything is
+  resumed, and resumed weights are garbage (NaN) until the next full update unless
+  ``--enable-weights-cpu-backup``.
+* Limits: a ``/generate`` over ``--max-request-samples`` samples or ``--max-total-tokens`` tokens
+  (samples x (prompt + max_new_tokens)), or asking past the context length, is a 400 before any
+  work; request bodies are read with a socket timeout and a size limit.
+
+Model semantics are in :mod:`megatron_gopd.cpu_server.engine`. Stdlib ``http.server`` with a thread
+per request: no web framework in the base install, and the model is the bottleneck anyway (one
+model step at a time; requests interleave between steps). It binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from megatron_gopd.rollout.protocol import (
+    ADMIN_PATHS,
     SGLANG_SCHEMA_VERSION,
     ContractError,
+    SGLangFeatures,
     ValidationError,
     check_generate,
     error_body,
 )
-from megatron_gopd.utils import cli_errors, get_logger
+from megatron_gopd.utils import GopdError, cli_errors, get_logger
 
-__all__ = ["CpuServer", "main"]
+__all__ = ["CpuServer", "ServerOptions", "main"]
 
 log = get_logger("megatron_gopd.cpu_server")  # not __name__: also run as __main__
 
@@ -66,6 +88,31 @@ _UNSUPPORTED_NEUTRAL = {
 }
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the stand-in behaves (SGLang's flag names where SGLang has the setting)."""
+
+    host: str = "127.0.0.1"
+    port: int = 30000
+    emulate_version: str = SGLANG_SCHEMA_VERSION
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    tp_size: int = 1
+    base_gpu_id: int = 0
+    nccl_port: int | None = None  # None: a free port
+    dist_timeout_s: float = 300.0  # its own group at start-up, and weight-update groups
+    enable_memory_saver: bool = False
+    enable_weights_cpu_backup: bool = False
+    max_request_samples: int = 1024
+    max_total_tokens: int = 1 << 17
+    read_timeout_s: float = 60.0  # per socket read of a request
+    max_body_bytes: int = 8 << 30
+
+    @property
+    def features(self) -> SGLangFeatures:
+        return SGLangFeatures(self.emulate_version)
+
+
 class _Reply(Exception):
     def __init__(self, status: int, body: Any = None, text: str | None = None):
         self.status, self.body, self.text = status, body, text
@@ -75,33 +122,60 @@ def _value_error(msg: str) -> _Reply:
     return _Reply(400, error_body("value", msg))
 
 
+def _invalid(msg: str) -> _Reply:
+    return _Reply(400, error_body("validation", msg))
+
+
 def _require(body: Any, *keys: str) -> dict:
     if not isinstance(body, dict):
-        raise _Reply(400, error_body("validation", "Input should be a valid dictionary"))
+        raise _invalid("Input should be a valid dictionary")
     for k in keys:
         if k not in body:
-            raise _Reply(400, error_body("validation", f"{k}: Field required"))
+            raise _invalid(f"{k}: Field required")
     return body
+
+
+def _typed(body: dict, key: str, kind: type | tuple, default: Any = None) -> Any:
+    """``body[key]`` if it has the type FastAPI would accept, else a 400 (not a 500)."""
+    v = body.get(key, default)
+    if v is None:
+        return v
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(v, bool) and bool not in kinds:
+        raise _invalid(f"{key}: Input should be a valid {kinds[0].__name__}")
+    if not isinstance(v, kinds):
+        raise _invalid(f"{key}: Input should be a valid {kinds[0].__name__}")
+    return v
+
+
+def _fail(message: str) -> _Reply:
+    return _Reply(400, {"success": False, "message": message})
 
 
 class CpuServer:
     """Routes SGLang's endpoints to a :class:`~megatron_gopd.cpu_server.engine.CpuEngine`."""
 
-    def __init__(self, engine, host: str = "127.0.0.1", port: int = 30000):
+    def __init__(self, engine, options: ServerOptions | None = None):
         self.engine = engine
-        self.host, self.port = host, port
+        self.opts = options or ServerOptions()
+        self.features = self.opts.features
+        self.host, self.port = self.opts.host, self.opts.port
+        # SGLang's offload_tags: what /release_memory_occupation took away
         self.memory_released: set[str] = set()
+        self._session_open = False  # /begin_weight_update .. /end_weight_update (0.5.21+)
+        # per TP rank, where the last tensor update came from: a handle's device, or "value"
+        self.last_tensor_sources: list[str] = []
+        self._admin_lock = threading.Lock()
         self.httpd: ThreadingHTTPServer | None = None
         self.routes = {
             "/health": self.health,
             "/health_generate": self.health_generate,
-            "/ready": self.health,
             "/generate": self.generate,
             "/flush_cache": self.flush_cache,
             "/abort_request": self.abort_request,
-            "/model_info": self.model_info,
             "/get_model_info": self.model_info,
-            "/server_info": self.server_info,
             "/get_server_info": self.server_info,
             "/update_weights_from_tensor": self.update_weights_from_tensor,
             "/init_weights_update_group": self.init_weights_update_group,
@@ -113,6 +187,44 @@ class CpuServer:
             "/release_memory_occupation": self.release_memory_occupation,
             "/resume_memory_occupation": self.resume_memory_occupation,
         }
+        if self.features.weights_checker:  # 0.5.6 added these (and renamed the /get_ ones)
+            self.routes.update(
+                {
+                    "/model_info": self.model_info,
+                    "/server_info": self.server_info,
+                    "/weights_checker": self.weights_checker,
+                }
+            )
+        if self.features.ready_is_public:
+            self.routes["/ready"] = self.health
+        if self.features.weight_update_session:
+            self.routes["/begin_weight_update"] = self.begin_weight_update
+            self.routes["/end_weight_update"] = self.end_weight_update
+
+    # ------------------------------------------------------------------ auth
+
+    def authorized(self, method: str, path: str, header: str | None) -> bool:
+        """SGLang's decision (``srt/utils/auth.py::decide_request_auth`` in 0.5.8+; before, one
+        key compared as the exact string ``"Bearer KEY"``)."""
+        api, admin = self.opts.api_key, self.opts.admin_api_key
+        if method == "OPTIONS" or path.startswith(("/health", "/metrics")):
+            return True
+        if path.startswith("/ready") and self.features.ready_is_public:
+            return True
+        if not self.features.admin_api_key:
+            return api is None or hmac.compare_digest(header or "", f"Bearer {api}")
+
+        def bearer(expected: str) -> bool:
+            parts = (header or "").split(" ", 1)
+            if len(parts) != 2 or parts[0].lower() != "bearer":
+                return False
+            return hmac.compare_digest(parts[1], expected)
+
+        if path in ADMIN_PATHS:
+            if admin:
+                return bearer(admin)
+            return bearer(api) if api else True
+        return bearer(api) if api else True
 
     # ------------------------------------------------------------------ health / info
 
@@ -120,6 +232,8 @@ class CpuServer:
         raise _Reply(200, text="")
 
     def health_generate(self, body, query):
+        if self._memory_gone():
+            raise _Reply(503, text="")
         self.engine.health_generate()
         raise _Reply(200, text="")
 
@@ -135,17 +249,43 @@ class CpuServer:
         }
 
     def server_info(self, body, query):
+        o = self.opts
+        # SGLang returns every server argument here, the keys included: never log it raw
         return {
             "model_path": self.engine.model_path,
-            "host": self.host,
+            "host": o.host,
             "port": self.port,
-            "tp_size": 1,
+            "tp_size": o.tp_size,
+            "base_gpu_id": o.base_gpu_id,
+            "nccl_port": o.nccl_port,
+            "api_key": o.api_key,
+            "admin_api_key": o.admin_api_key,
+            "enable_memory_saver": o.enable_memory_saver,
+            "enable_deterministic_inference": self.engine.deterministic,
             "context_length": self.engine.context_length,
             "skip_tokenizer_init": True,
-            "version": f"megatron_gopd-cpu (SGLang {SGLANG_SCHEMA_VERSION} schema)",
+            "version": o.emulate_version,
+            "gopd_cpu_server": True,
+            "gopd_device_uuids": [self._device_uuid(t) for t in range(o.tp_size)],
+            "gopd_memory_released": sorted(self.memory_released),
+            "gopd_last_tensor_update_sources": self.last_tensor_sources,
         }
 
     # ------------------------------------------------------------------ generation
+
+    def _memory_gone(self) -> str | None:
+        """Why generation cannot run now, or None."""
+        if self.opts.enable_memory_saver and self.memory_released:
+            return (
+                f"the server's {', '.join(sorted(self.memory_released))} memory is released "
+                "(SGLang would fault here): /resume_memory_occupation first"
+            )
+        if not self.engine.weights_valid:
+            return (
+                "the weights were released and resumed without --enable-weights-cpu-backup: "
+                "they hold garbage until the next full weight update"
+            )
+        return None
 
     def generate(self, body, query):
         from megatron_gopd.cpu_server.engine import GenItem
@@ -153,7 +293,7 @@ class CpuServer:
         try:
             check_generate(body)
         except ValidationError as e:
-            raise _Reply(400, error_body("validation", str(e))) from None
+            raise _invalid(str(e)) from None
         except ContractError as e:
             raise _Reply(400, error_body("contract", str(e))) from None
         except ValueError as e:
@@ -179,34 +319,64 @@ class CpuServer:
         n = int(sps[0].get("n", 1) or 1)
         rlp = _per_item(body.get("return_logprob"), len(prompts), False)
         lsl = _per_item(body.get("logprob_start_len"), len(prompts), -1)
-        rid = body.get("rid")
-        rids = _per_item(rid, len(prompts), None)
         eng = self.engine
-        for p in prompts:
+        total = 0
+        for p, one in zip(prompts, sps):
             if len(p) >= eng.context_length:
                 raise _value_error(
                     f"The input ({len(p)} tokens) is longer than the model's context length "
                     f"({eng.context_length} tokens)."
                 )
+            mnt = one.get("max_new_tokens")
+            mnt = 128 if mnt is None else int(mnt)
+            if len(p) + mnt > eng.context_length:
+                raise _value_error(
+                    "Requested token count exceeds the model's maximum context length of "
+                    f"{eng.context_length} tokens. You requested a total of {len(p) + mnt} "
+                    f"tokens: {len(p)} tokens from the input messages and {mnt} tokens for the "
+                    "completion. Please reduce the number of tokens in the input messages or "
+                    "the completion to fit within the limit."
+                )
+            total += n * (len(p) + mnt)
             bad = [t for t in p if not 0 <= t < eng.vocab_size]
             if bad:
                 raise _value_error(
                     f"The input_ids {bad[:4]} contain values outside the vocabulary "
                     f"[0, {eng.vocab_size})."
                 )
-        items = []
-        for i, p in enumerate(prompts):
-            base = rids[i] or uuid.uuid4().hex
-            for j in range(n):
-                items.append(
-                    GenItem(
-                        rid=base if n == 1 else f"{base}-{j}",
-                        input_ids=list(p),
-                        params=sps[i],
-                        return_logprob=bool(rlp[i]),
-                        logprob_start_len=int(lsl[i]),
-                    )
-                )
+        # bounded work per request, checked before anything is allocated for it
+        samples = n * len(prompts)
+        if samples > self.opts.max_request_samples:
+            raise _value_error(
+                f"The request asks for {samples} samples ({len(prompts)} prompt(s) x n={n}); this "
+                f"server runs at most {self.opts.max_request_samples} per request "
+                "(--max-request-samples): split it."
+            )
+        if total > self.opts.max_total_tokens:
+            raise _value_error(
+                f"The request needs up to {total} tokens (samples x (prompt + max_new_tokens)); "
+                f"this server takes at most {self.opts.max_total_tokens} per request "
+                "(--max-total-tokens): split it."
+            )
+        why = self._memory_gone()
+        if why:
+            raise _value_error(why)
+        rids = _item_rids(body.get("rid"), len(prompts), n, single)
+        items = [
+            GenItem(
+                rid=rids[i * n + j],
+                input_ids=list(p),
+                params=sps[i],
+                return_logprob=bool(rlp[i]),
+                logprob_start_len=int(lsl[i]),
+            )
+            for i, p in enumerate(prompts)
+            for j in range(n)
+        ]
+        try:
+            eng.register([it.rid for it in items])
+        except ValueError as e:
+            raise _value_error(str(e)) from None
         t0 = time.time()
         eng.generate(items)
         outs = [self._item_json(it, time.time() - t0) for it in items]
@@ -233,7 +403,12 @@ class CpuServer:
         return {"output_ids": list(it.output_ids), "meta_info": meta}
 
     def flush_cache(self, body, query):
-        timeout = float(query.get("timeout", ["0"])[0])
+        try:
+            timeout = float(query.get("timeout", ["0"])[0])
+        except ValueError:
+            raise _invalid("timeout: Input should be a valid number") from None
+        if not timeout >= 0:
+            raise _invalid("timeout: Input should be greater than or equal to 0")
         deadline = time.time() + timeout
         while self.engine.busy and time.time() < deadline:
             time.sleep(0.01)
@@ -247,77 +422,137 @@ class CpuServer:
 
     def abort_request(self, body, query):
         body = _require(body)
-        self.engine.abort(body.get("rid"), bool(body.get("abort_all", False)))
+        rid = _typed(body, "rid", str)
+        abort_all = _typed(body, "abort_all", bool, False)
+        self.engine.abort(rid, abort_all)
         raise _Reply(200, text="")
 
     # ------------------------------------------------------------------ weights
 
+    def _check_session(self, what: str) -> None:
+        if self.features.weight_update_session and not self._session_open:
+            raise _fail(f"{what} must run between begin_weight_update() and end_weight_update()")
+
     def _weights_result(self, fn, body) -> dict[str, Any]:
-        if body.get("abort_all_requests"):
+        if _typed(body, "abort_all_requests", bool, False):
             self.engine.abort(None, True)
         try:
             n = fn()
+        except _Reply:
+            raise
         except Exception as e:
             log.warning("weight update failed: %s", e)
-            raise _Reply(
-                400, {"success": False, "message": f"Failed to update weights: {e}."}
-            ) from None
-        if body.get("weight_version") is not None:
-            self.engine.weight_version = str(body["weight_version"])
-        return {"success": True, "message": f"Succeeded to update {n} parameter(s)."}
+            raise _fail(f"Failed to update weights: {e}.") from None
+        version = body.get("weight_version")
+        if version is not None:
+            self.engine.weight_version = str(version)
+        if _typed(body, "flush_cache", bool, True) and self.engine.busy:
+            raise _fail(
+                "Weights were updated, but the cache was not flushed because requests are still "
+                "running or queued. Retract or finish them, then call /flush_cache."
+            )
+        msg = f"Succeeded to update {n} parameter(s)."
+        if version is not None:
+            msg += f" Weight version updated to {version}."
+        return {"success": True, "message": msg}
+
+    def begin_weight_update(self, body, query):
+        with self._admin_lock:
+            if self._session_open:
+                raise _fail(
+                    "a weight-update session is already open; call end_weight_update() first"
+                )
+            self._session_open = True
+        return {"success": True, "message": "Success"}
+
+    def end_weight_update(self, body, query):
+        with self._admin_lock:
+            if not self._session_open:
+                raise _fail("no weight-update session is open; call begin_weight_update() first")
+            self._session_open = False
+        return {"success": True, "message": "Success"}
 
     def update_weights_from_tensor(self, body, query):
         from megatron_gopd.sync.wire import deserialize_named_tensors
 
         body = _require(body, "serialized_named_tensors")
         payloads = body["serialized_named_tensors"]
-        if not isinstance(payloads, list) or not payloads:
-            raise _Reply(400, error_body("validation", "serialized_named_tensors: list required"))
+        if not isinstance(payloads, list) or not all(isinstance(x, str) for x in payloads):
+            raise _invalid("serialized_named_tensors: Input should be a valid list of strings")
+        load_format = _typed(body, "load_format", str)
+        self._check_session("update_weights_from_tensor")
+        if len(payloads) < self.opts.tp_size:
+            raise _fail(
+                f"Failed to update weights: list index out of range ({len(payloads)} "
+                f"serialized_named_tensors for tp_size {self.opts.tp_size})."
+            )
 
         def load():
-            named = deserialize_named_tensors(payloads[0], body.get("load_format"))
-            return self.engine.load_weights(named)
+            # each TP rank deserializes its own entry (SGLang: deserialize_own_rank); a CUDA IPC
+            # handle (here its CPU stand-in) opens only on its own node and GPU
+            sources: list[str] = []
+            per_rank = [
+                deserialize_named_tensors(
+                    payloads[t],
+                    load_format,
+                    device=self._device_uuid(t),
+                    tp_rank=t,
+                    sources=sources,
+                )
+                for t in range(self.opts.tp_size)
+            ]
+            self.last_tensor_sources = sources
+            return self.engine.load_weights(per_rank[0])
 
         return self._weights_result(load, body)
 
+    def _device_uuid(self, tp_rank: int) -> str:
+        from megatron_gopd.sync.wire import cpu_device_uuid
+
+        return cpu_device_uuid(self.opts.base_gpu_id + tp_rank)
+
     def init_weights_update_group(self, body, query):
         body = _require(body, "master_address", "master_port", "rank_offset", "world_size")
+        address = _typed(body, "master_address", str)
+        port = _typed(body, "master_port", int)
+        offset = _typed(body, "rank_offset", int)
+        world = _typed(body, "world_size", int)
+        name = _typed(body, "group_name", str, "weight_update_group")
+        backend = _typed(body, "backend", str, "nccl")
+        if self.opts.tp_size != 1:
+            raise _fail("the CPU server joins weight-update groups with tp_size 1 only")
         try:
             self.engine.init_group(
-                body["master_address"],
-                int(body["master_port"]),
-                int(body["rank_offset"]),
-                int(body["world_size"]),
-                body.get("group_name", "weight_update_group"),
-                body.get("backend", "nccl"),
+                address, port, offset, world, name, backend, timeout_s=self.opts.dist_timeout_s
             )
         except Exception as e:
-            raise _Reply(
-                400,
-                {"success": False, "message": f"Failed to initialize custom process group: {e}."},
-            ) from None
+            raise _fail(f"Failed to initialize custom process group: {e}.") from None
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def destroy_weights_update_group(self, body, query):
         body = _require(body)
-        if self.engine.destroy_group(body.get("group_name", "weight_update_group")):
+        if self.engine.destroy_group(_typed(body, "group_name", str, "weight_update_group")):
             return {"success": True, "message": "Succeeded to destroy custom process group."}
-        raise _Reply(
-            400, {"success": False, "message": "The group to be destroyed does not exist."}
-        )
+        raise _fail("The group to be destroyed does not exist.")
 
     def update_weights_from_distributed(self, body, query):
         body = _require(body, "names", "dtypes", "shapes")
-        if not len(body["names"]) == len(body["dtypes"]) == len(body["shapes"]):
-            raise _Reply(400, error_body("validation", "names, dtypes, shapes differ in length"))
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        if not all(isinstance(x, list) for x in (names, dtypes, shapes)) or not (
+            len(names) == len(dtypes) == len(shapes)
+        ):
+            raise _invalid("names, dtypes, shapes: lists of the same length required")
+        self._check_session("update_weights_from_distributed")
+        # before 0.5.6 the field does not exist: the server expects one broadcast per tensor
+        load_format = body.get("load_format") if self.features.flattened_distributed else None
 
         def load():
             named = self.engine.receive_distributed(
-                body["names"],
-                body["dtypes"],
-                body["shapes"],
-                body.get("group_name", "weight_update_group"),
-                body.get("load_format"),
+                names,
+                dtypes,
+                shapes,
+                _typed(body, "group_name", str, "weight_update_group"),
+                load_format,
             )
             return self.engine.load_weights(named)
 
@@ -325,7 +560,8 @@ class CpuServer:
 
     def update_weights_from_disk(self, body, query):
         body = _require(body, "model_path")
-        out = self._weights_result(lambda: self.engine.load_from_disk(body["model_path"]), body)
+        path = _typed(body, "model_path", str)
+        out = self._weights_result(lambda: self.engine.load_from_disk(path), body)
         return {**out, "num_paused_requests": 0}
 
     def update_weight_version(self, body, query):
@@ -339,44 +575,164 @@ class CpuServer:
 
     def get_weights_by_name(self, body, query):
         body = _require(body, "name")
-        out = self.engine.get_weights_by_name(body["name"], int(body.get("truncate_size", 100)))
+        name = _typed(body, "name", str)
+        truncate = _typed(body, "truncate_size", int, 100)
+        out = self.engine.get_weights_by_name(name, truncate)
         if out is None:
             raise _value_error("Get parameter by name failed")
         return out
 
+    def weights_checker(self, body, query):
+        body = body if body is not None else {}
+        body = _require(body)
+        action = _typed(body, "action", str, "checksum")
+        if action != "checksum":
+            raise _fail(f"Unsupported action={action!r} (the CPU server computes checksums only)")
+        import hashlib
+
+        sums = self.engine.checksums()
+        per_gpu = hashlib.sha256(
+            "".join(f"{k}:{v};" for k, v in sorted(sums.items())).encode()
+        ).hexdigest()
+        tp = self.opts.tp_size
+        ranks = [
+            {
+                "checksums": sums,
+                "per_gpu_checksum": per_gpu,
+                "parallelism_info": [
+                    {"role": "target", "tp_rank": t, "tp_size": tp, "rank": t, "size": tp}
+                ],
+            }
+            for t in range(tp)
+        ]
+        engine_sum = hashlib.sha256()
+        for r in ranks:
+            engine_sum.update(r["per_gpu_checksum"].encode())
+        return {
+            "success": True,
+            "message": "Success.",
+            "ranks": ranks,
+            "per_engine_checksum": engine_sum.hexdigest(),
+        }
+
+    # ------------------------------------------------------------------ memory
+
+    def _tags(self, body) -> list[str]:
+        body = body if body is not None else {}
+        tags = _typed(_require(body), "tags", list)
+        if tags and not all(isinstance(t, str) for t in tags):
+            raise _invalid("tags: Input should be a list of strings")
+        return list(tags) if tags else list(self.features.default_memory_tags)
+
     def release_memory_occupation(self, body, query):
-        self.memory_released.update((body or {}).get("tags") or ["weights", "kv_cache"])
+        tags = self._tags(body)
+        with self._admin_lock:
+            if self.engine.busy:
+                # an assertion in SGLang's scheduler
+                raise _value_error(
+                    "release_memory_occupation should be called only when server is idle."
+                )
+            self.memory_released.update(tags)
         return None
 
     def resume_memory_occupation(self, body, query):
-        self.memory_released.difference_update((body or {}).get("tags") or ["weights", "kv_cache"])
+        tags = self._tags(body)
+        with self._admin_lock:
+            missing = [t for t in tags if t not in self.memory_released]
+            if missing:
+                # offload_tags.remove(tag) in SGLang's scheduler
+                raise _value_error(
+                    f"KeyError: {missing[0]!r}: resuming memory that was not released"
+                )
+            self.memory_released.difference_update(tags)
+            if (
+                "weights" in tags
+                and self.opts.enable_memory_saver
+                and not self.opts.enable_weights_cpu_backup
+            ):
+                self.engine.invalidate_weights()
         return None
 
     # ------------------------------------------------------------------ serving
 
+    def init_process_group(self) -> None:
+        """What SGLang's scheduler does before the server is healthy: its own torch.distributed
+        group over ``tcp://HOST:NCCL_PORT`` (``srt/distributed/bootstrap.py``), through torch's
+        rendezvous, which honours a torchrun worker's ``TORCHELASTIC_USE_AGENT_STORE``."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from megatron_gopd.sync.process_group import tcp_url
+        from megatron_gopd.utils import free_port
+
+        port = self.opts.nccl_port or free_port()
+        url = tcp_url(self.opts.host or "127.0.0.1", port)
+        log.info("init torch distributed begin (%s)", url)
+        dist.init_process_group(
+            backend="gloo",
+            init_method=url,
+            world_size=1,
+            rank=0,
+            timeout=timedelta(seconds=self.opts.dist_timeout_s),
+        )
+        log.info("init torch distributed ends")
+
     def serve(self, ready: threading.Event | None = None) -> None:
         server = self
+        opts = self.opts
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = opts.read_timeout_s  # a stalled client cannot hold a handler forever
 
             def log_message(self, fmt, *args):  # quiet: the trainer's log is the one to read
                 pass
 
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding"):
+                    self.close_connection = True
+                    raise _invalid("chunked request bodies are not supported: send Content-Length")
+                raw = self.headers.get("Content-Length")
+                try:
+                    length = int(raw) if raw is not None else 0
+                    if length < 0:
+                        raise ValueError
+                except ValueError:
+                    self.close_connection = True
+                    raise _invalid(f"invalid Content-Length {raw!r}") from None
+                if length > opts.max_body_bytes:
+                    self.close_connection = True
+                    raise _Reply(413, {"detail": "Request body too large"})
+                data = bytearray()
+                try:
+                    while len(data) < length:
+                        chunk = self.rfile.read1(min(length - len(data), 1 << 20))
+                        if not chunk:
+                            break
+                        data += chunk
+                except TimeoutError:
+                    pass
+                if len(data) != length:
+                    self.close_connection = True
+                    raise _invalid(f"request body ended after {len(data)} of {length} bytes")
+                return bytes(data)
+
             def _handle(self):
                 url = urlparse(self.path)
                 fn = server.routes.get(url.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
                 try:
+                    raw = self._body()
+                    if not server.authorized(
+                        self.command, url.path, self.headers.get("Authorization")
+                    ):
+                        raise _Reply(401, {"error": "Unauthorized"})
                     if fn is None:
                         raise _Reply(404, {"detail": "Not Found"})
                     try:
                         body = json.loads(raw) if raw else None
-                    except json.JSONDecodeError as e:
-                        raise _Reply(
-                            400, error_body("validation", f"JSON decode error: {e.msg}")
-                        ) from None
+                    except ValueError as e:
+                        raise _invalid(f"JSON decode error: {e}") from None
                     result = fn(body, parse_qs(url.query))
                     self._send(200, json.dumps(result).encode(), "application/json")
                 except _Reply as r:
@@ -393,19 +749,33 @@ class CpuServer:
                     self.send_response(status)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(data)))
+                    if self.close_connection:
+                        self.send_header("Connection", "close")
                     self.end_headers()
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError, TimeoutError):
                     pass  # the client gave up (timeout, abort): nothing to tell it
 
             do_GET = do_POST = do_PUT = _handle
 
         ThreadingHTTPServer.daemon_threads = True
         ThreadingHTTPServer.request_queue_size = 256
-        self.httpd = ThreadingHTTPServer((self.host, self.port), Handler)
+        family_server = ThreadingHTTPServer
+        if ":" in self.host:
+            import socket
+
+            class _V6(ThreadingHTTPServer):
+                address_family = socket.AF_INET6
+
+            family_server = _V6
+        self.httpd = family_server((self.host, self.port), Handler)
         self.port = self.httpd.server_address[1]
         log.info(
-            "CPU rollout server on http://%s:%d (%s)", self.host, self.port, self.engine.model_path
+            "CPU rollout server on http://%s:%d (%s, as SGLang %s)",
+            self.host,
+            self.port,
+            self.engine.model_path,
+            opts.emulate_version,
         )
         if ready is not None:
             ready.set()
@@ -427,19 +797,86 @@ def _per_item(value: Any, n: int, default: Any) -> list[Any]:
     return [value] * n
 
 
+def _item_rids(rid: Any, n_prompts: int, n: int, single: bool) -> list[str]:
+    """SGLang's request ids for the samples of one request: a single prompt keeps its rid; a
+    batch with one string rid gets ``rid_i``; a list of rids must match the batch; with ``n > 1``
+    every sample gets a fresh random rid (the caller's cannot abort them)."""
+    if rid is not None and not isinstance(rid, (str, list)):
+        raise _invalid("rid: Input should be a valid string or list of strings")
+    if isinstance(rid, list):
+        if single or len(rid) != n_prompts:
+            raise _value_error(
+                "The specified rids length mismatch with the batch_size for batch processing."
+            )
+        if not all(isinstance(r, str) for r in rid):
+            raise _invalid("rid: Input should be a valid list of strings")
+        base = list(rid)
+    elif rid is None:
+        base = [uuid.uuid4().hex for _ in range(n_prompts)]
+    else:
+        base = [rid] if single else [f"{rid}_{i}" for i in range(n_prompts)]
+    if n == 1:
+        return base
+    return [uuid.uuid4().hex for _ in range(n_prompts * n)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_gopd.cpu_server",
         description="CPU stand-in for an SGLang server (native API) running an HF model.",
     )
+    d = ServerOptions()
+    p.add_argument(
+        "--config", help="YAML file of these options (SGLang's --config; keys without --)"
+    )
     p.add_argument("--model-path", required=True, help="Hugging Face model directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--random-seed", type=int, default=0)
-    p.add_argument("--tp-size", type=int, default=1, help="only 1 (accepted for compatibility)")
+    p.add_argument(
+        "--tp-size",
+        type=int,
+        default=d.tp_size,
+        help="tensor-parallel ranks it poses as: each reads its own entry of a tensor update",
+    )
+    p.add_argument("--base-gpu-id", type=int, default=d.base_gpu_id)
+    p.add_argument("--nccl-port", type=int, default=None, help="its own group's port (free)")
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="seconds")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="always on (accepted)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--admin-api-key", default=None, help="SGLang 0.5.8+")
+    p.add_argument(
+        "--enable-deterministic-inference",
+        action="store_true",
+        help="honour sampling_seed (SGLang ignores it otherwise)",
+    )
+    p.add_argument("--enable-memory-saver", action="store_true")
+    p.add_argument("--enable-weights-cpu-backup", action="store_true")
+    p.add_argument(
+        "--emulate-version",
+        default=d.emulate_version,
+        help="the SGLang version whose behaviour (and /server_info version) it shows",
+    )
+    p.add_argument(
+        "--max-request-samples",
+        type=int,
+        default=d.max_request_samples,
+        help="most samples (prompts x n) one /generate may ask for (more: 400)",
+    )
+    p.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=d.max_total_tokens,
+        help="most tokens one /generate may need, samples x (prompt + max_new_tokens) (more: 400)",
+    )
+    p.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=d.read_timeout_s,
+        help="seconds a request's socket may stall before the server answers 400 and hangs up",
+    )
     p.add_argument(
         "--enable-fp32-lm-head",
         action="store_true",
@@ -449,26 +886,79 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _with_config_file(argv: list[str]) -> list[str]:
+    """SGLang's ``--config FILE.yaml``: its keys become options placed before the others (so that
+    a secret such as the API key need not appear on the command line)."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise GopdError("--config needs a YAML file")
+    path = argv[i + 1]
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise GopdError(f"cannot read --config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise GopdError(f"--config {path} must hold a mapping")
+    extra: list[str] = []
+    for k, v in data.items():
+        flag = "--" + str(k).replace("_", "-")
+        if isinstance(v, bool):
+            extra += [flag] if v else []
+        else:
+            extra.append(f"{flag}={v}")  # a value may start with "-"
+    return extra + argv[:i] + argv[i + 2 :]
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megatron_gopd.cpu_server.engine import CpuEngine
-    from megatron_gopd.utils import GopdError
 
+    argv = _with_config_file(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    if args.tp_size != 1:
-        raise GopdError("the CPU server runs one process: --tp-size must be 1")
+    opts = ServerOptions(
+        host=args.host,
+        port=args.port,
+        emulate_version=args.emulate_version,
+        api_key=args.api_key,
+        admin_api_key=args.admin_api_key,
+        tp_size=args.tp_size,
+        base_gpu_id=args.base_gpu_id,
+        nccl_port=args.nccl_port,
+        dist_timeout_s=args.dist_timeout,
+        enable_memory_saver=args.enable_memory_saver,
+        enable_weights_cpu_backup=args.enable_weights_cpu_backup,
+        max_request_samples=args.max_request_samples,
+        max_total_tokens=args.max_total_tokens,
+        read_timeout_s=args.request_read_timeout,
+    )
+    if args.admin_api_key and not opts.features.admin_api_key:
+        raise GopdError(
+            f"unrecognized arguments: --admin-api-key (SGLang {opts.emulate_version} has none)"
+        )
+    if args.tp_size < 1:
+        raise GopdError("--tp-size must be >= 1")
     torch.set_num_threads(1)  # one core per server: several run side by side in tests
     engine = CpuEngine(
         args.model_path,
         dtype=args.dtype,
         context_length=args.context_length,
         random_seed=args.random_seed,
+        deterministic=args.enable_deterministic_inference,
         enable_fp32_lm_head=args.enable_fp32_lm_head,
         device=args.device,
     )
-    server = CpuServer(engine, args.host, args.port)
+    server = CpuServer(engine, opts)
+    try:
+        server.init_process_group()
+    except Exception as e:
+        raise GopdError(f"initialising torch.distributed failed: {e}") from None
     try:
         server.serve()
     except OSError as e:

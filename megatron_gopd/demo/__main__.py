@@ -86,6 +86,7 @@ def train_args(work: Path, name: str, lam: float, a) -> list[str]:
         "--apply-chat-template",
         "--rollout-engine",
         "cpu",
+        "--sglang-enable-deterministic-inference",  # rollouts reproducible from --seed
         "--weight-sync",
         "distributed",
         "--rollout-batch-size",

@@ -25,6 +25,7 @@ from megatron_gopd.rollout.protocol import (
     ProtocolError,
     RequestError,
     SamplingConfig,
+    ServerAuth,
 )
 
 __all__ = [
@@ -38,5 +39,6 @@ __all__ = [
     "RolloutReport",
     "RolloutServers",
     "SamplingConfig",
+    "ServerAuth",
     "ServerLaunchConfig",
 ]

@@ -12,10 +12,13 @@ them, finish reason, prompt/sample index). Prefill scoring (``max_new_tokens: 0`
 
 How requests flow:
 
-* One HTTP request ("job") per ``prompts_per_request`` prompts, asking for their n samples
-  (``sampling_params.n``). With a seed, each sample is its own batch entry with its own
-  ``sampling_seed`` instead, because SGLang seeds by (seed, position): n entries sharing one seed
-  would be identical.
+* One HTTP request ("job") per ``prompts_per_request`` prompts, with each of their n samples as
+  its own batch entry under its own request id (``rid``), never ``sampling_params.n``: SGLang
+  gives the children of an ``n > 1`` request random rids that nobody can abort (it aborts exact
+  rids only), and seeds by (seed, position), so n children sharing one ``sampling_seed`` would be
+  identical; each entry gets its own seed. A retry sends fresh rids (the old ones may still run).
+* A rollout that stops before the end (an error, a cancel) aborts the rids it still has in
+  flight, so the servers do not go on generating for nobody.
 * Jobs go to the live server with the fewest jobs in flight, at most ``max_in_flight_per_server``
   each; SGLang batches across requests itself, so the bound only limits queueing and memory.
 * Transient failures (HTTP 5xx, a dropped keep-alive connection, a timeout) are retried with
@@ -43,10 +46,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_gopd.rollout.protocol import (
+    MEMORY_TAGS,
     GenerateOutput,
     ProtocolError,
     RequestError,
     SamplingConfig,
+    ServerAuth,
     http_json,
     parse_generate_output,
 )
@@ -155,6 +160,19 @@ class _Job:
     weight_version: str | None = None
     attempts: int = 0
     outputs: list[GenerateOutput] | None = None
+    # the rids of the attempt in flight: one per batch entry (a single request: one)
+    rids: list[str] = field(default_factory=list)
+
+    def next_attempt(self) -> dict[str, Any]:
+        """The payload of the next attempt, under fresh rids (SGLang refuses a rid that is still
+        in flight, and the previous attempt's may be)."""
+        self.attempts += 1
+        base = f"{self.rid}-a{self.attempts}" if self.attempts > 1 else self.rid
+        if isinstance(self.payload["input_ids"][0], list):
+            self.rids = [f"{base}-{k}" for k in range(len(self.payload["input_ids"]))]
+            return {**self.payload, "rid": self.rids}
+        self.rids = [base]
+        return {**self.payload, "rid": base}
 
 
 class RolloutClient:
@@ -164,8 +182,9 @@ class RolloutClient:
     ``lambda: servers.urls``, so that a restarted server is used by later calls).
     ``generate_url``: where generation goes instead, e.g. an sglang-router in front of ``urls``
     (then failover is the router's). ``replace_server(dead_url) -> new_url | None``: called in a
-    thread when a server died (``RolloutServers.replace``). ``last_report`` is live while a call
-    runs.
+    thread when a server died (``RolloutServers.replace``). ``auth``: the servers' API keys
+    (``Authorization: Bearer``; the admin key to admin endpoints). ``last_report`` is live while a
+    call runs.
     """
 
     def __init__(
@@ -175,11 +194,14 @@ class RolloutClient:
         *,
         replace_server: Callable[[str], str | None] | None = None,
         generate_url: str | None = None,
+        auth: ServerAuth | None = None,
     ):
         self._urls = urls
         if not self.urls and not generate_url:
             raise GopdError("the rollout client needs at least one server URL")
         self.config = config or ClientConfig()
+        self.auth = auth or ServerAuth()
+        self._released: dict[str, set[str]] = {}  # url -> memory tags released there
         self.replace_server = replace_server
         self.generate_url = generate_url.rstrip("/") if generate_url else None
         self.last_report = RolloutReport()
@@ -275,24 +297,16 @@ class RolloutClient:
         self, index: int, group: list[RolloutPrompt], n: int, sampling: SamplingConfig
     ) -> _Job:
         rid = f"gopd-{uuid.uuid4().hex[:12]}-{index}"
-        if sampling.seed is None:
-            payload: dict[str, Any] = {
-                "input_ids": [list(p.prompt_ids) for p in group],
-                "sampling_params": sampling.to_sglang(n=n),
-            }
-            rids = [f"{rid}-{k}" for k in range(len(group))]
-        else:
-            entries = [(p, j) for p in group for j in range(n)]
-            payload = {
-                "input_ids": [list(p.prompt_ids) for p, _ in entries],
-                "sampling_params": [
-                    sampling.to_sglang(n=1, sampling_seed=sampling.sample_seed(p.prompt_index, j))
-                    for p, j in entries
-                ],
-            }
-            rids = [f"{rid}-{k}" for k in range(len(entries))]
-        payload.update(rid=rids, return_logprob=True)
-        return _Job(index, rid, payload, n_items=len(group) * n, want_logprobs=True)
+        entries = [(p, j) for p in group for j in range(n)]
+        payload: dict[str, Any] = {
+            "input_ids": [list(p.prompt_ids) for p, _ in entries],
+            "sampling_params": [
+                sampling.to_sglang(n=1, sampling_seed=sampling.sample_seed(p.prompt_index, j))
+                for p, j in entries
+            ],
+            "return_logprob": True,
+        }
+        return _Job(index, rid, payload, n_items=len(entries), want_logprobs=True)
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """The server's log-probs of every token after the first of each sequence (prefill
@@ -309,9 +323,9 @@ class RolloutClient:
                 "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
                 "return_logprob": True,
                 "logprob_start_len": 0,
-                "rid": f"gopd-score-{uuid.uuid4().hex[:12]}-{i}",
             }
-            jobs.append(_Job(i, payload["rid"], payload, n_items=1, want_logprobs=True))
+            rid = f"gopd-score-{uuid.uuid4().hex[:12]}-{i}"
+            jobs.append(_Job(i, rid, payload, n_items=1, want_logprobs=True))
         report = self.last_report = RolloutReport()
         await self._run_jobs(jobs, report, total=len(jobs), desc="scoring")
         out = []
@@ -458,13 +472,27 @@ class RolloutClient:
             log.warning("rollout recovered: %s", report.summary())
 
     async def _abort_quietly(self, session, running) -> None:
+        """Abort the exact rids of the requests still in flight (SGLang matches no prefixes)."""
+        calls = []
         for job, s in list(running.values()):
             if s.alive:
-                with contextlib.suppress(Exception):
-                    async with session.post(
-                        f"{s.url}/abort_request", json={"rid": job.rid}, timeout=2
-                    ):
-                        pass
+                for rid in job.rids:
+                    calls.append(
+                        self._post_quietly(session, f"{s.url}/abort_request", {"rid": rid})
+                    )
+        await asyncio.gather(*calls)
+
+    async def _post_quietly(self, session, url: str, payload: dict) -> None:
+        import aiohttp
+
+        with contextlib.suppress(Exception):
+            async with session.post(
+                url,
+                json=payload,
+                headers=self.auth.headers(url),
+                timeout=aiohttp.ClientTimeout(total=2),
+            ):
+                pass
 
     async def _do_job(self, session, server: _Server, job: _Job, report: RolloutReport) -> None:
         """Run one job on one server; raise _ServerDown to move it elsewhere."""
@@ -473,9 +501,13 @@ class RolloutClient:
         cfg = self.config
         where = f"server {server.url}, request {job.rid}"
         while True:
-            job.attempts += 1
+            payload = job.next_attempt()
             try:
-                async with session.post(f"{server.url}/generate", json=job.payload) as r:
+                async with session.post(
+                    f"{server.url}/generate",
+                    json=payload,
+                    headers=self.auth.headers("/generate"),
+                ) as r:
                     status = r.status
                     text = await r.text()
             except asyncio.CancelledError:
@@ -555,10 +587,14 @@ class RolloutClient:
         return list(urls) if urls is not None else list(self.urls)
 
     def server_info(self, url: str) -> dict[str, Any]:
-        status, body = http_json(f"{url}/server_info", timeout=self.config.health_timeout_s)
-        if status != 200 or not isinstance(body, dict):
-            raise RolloutError(f"{url}/server_info answered HTTP {status}: {str(body)[:200]}")
-        return body
+        """``/server_info`` (``/get_server_info`` on SGLang < 0.5.6). It holds the server's
+        arguments, its API keys included: do not log it."""
+        from megatron_gopd.rollout.launcher import server_info
+
+        try:
+            return server_info(url, self.auth, timeout=self.config.health_timeout_s)
+        except GopdError as e:
+            raise RolloutError(str(e)) from None
 
     def health(self, urls: Sequence[str] | None = None, generate: bool = False) -> dict[str, bool]:
         path = "/health_generate" if generate else "/health"
@@ -576,7 +612,11 @@ class RolloutClient:
         for u in self._all(urls):
             deadline = time.monotonic() + timeout_s
             for attempt in itertools.count():
-                status, body = http_json(u + "/flush_cache", method="POST", timeout=timeout_s)
+                status, body = http_json(
+                    u + "/flush_cache", method="POST", timeout=timeout_s, auth=self.auth
+                )
+                if status == 401:
+                    raise RolloutError(f"{u}/flush_cache: HTTP 401 (wrong or missing API key)")
                 if status == 200:
                     break
                 if time.monotonic() > deadline:
@@ -586,23 +626,39 @@ class RolloutClient:
                 time.sleep(min(0.05 * 2**attempt, 2.0))
 
     def abort(self, rid: str | None = None, urls: Sequence[str] | None = None) -> None:
-        """Abort one request (``rid`` prefix) or, without ``rid``, every request."""
+        """Abort one request (its exact ``rid``: SGLang matches no prefixes) or, without ``rid``,
+        every request."""
         payload = {"rid": rid} if rid else {"abort_all": True}
         for u in self._all(urls):
             self._admin(u, "/abort_request", payload)
 
     def release_memory(self, tags: Sequence[str] | None = None, urls=None) -> None:
-        """Colocated runs: free the GPU memory of weights / KV cache while the trainer runs."""
+        """Colocated runs: free the servers' GPU memory while the trainer works. ``tags``: any of
+        :data:`~megatron_gopd.rollout.protocol.MEMORY_TAGS`; default all three, named explicitly
+        (SGLang's default set depends on its version). Needs idle servers."""
+        tags = list(tags) if tags else list(MEMORY_TAGS)
         for u in self._all(urls):
-            self._admin(u, "/release_memory_occupation", {"tags": list(tags) if tags else None})
+            self._admin(u, "/release_memory_occupation", {"tags": tags})
+            self._released.setdefault(u, set()).update(tags)
 
     def resume_memory(self, tags: Sequence[str] | None = None, urls=None) -> None:
+        """Take back memory released by :meth:`release_memory`: ``tags``, or everything this
+        client released. Only released tags are resumed: SGLang's scheduler raises on a tag it
+        did not release."""
         for u in self._all(urls):
-            self._admin(u, "/resume_memory_occupation", {"tags": list(tags) if tags else None})
+            released = self._released.get(u, set())
+            want = [t for t in (tags or MEMORY_TAGS) if t in released]
+            if want:
+                self._admin(u, "/resume_memory_occupation", {"tags": want})
+                released.difference_update(want)
+
+    def released_memory(self, url: str) -> set[str]:
+        """The tags this client released on ``url`` and has not resumed."""
+        return set(self._released.get(url.rstrip("/"), set()))
 
     def _admin(self, url: str, path: str, payload: Any, timeout: float = 600.0) -> Any:
         try:
-            status, body = http_json(url + path, payload, timeout=timeout)
+            status, body = http_json(url + path, payload, timeout=timeout, auth=self.auth)
         except OSError as e:
             raise RolloutError(f"{url}{path}: server unreachable ({e})") from None
         if status != 200:

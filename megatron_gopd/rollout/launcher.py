@@ -11,35 +11,111 @@
 ``backend="sglang"`` runs ``python -m sglang.launch_server`` per server with the flags RL trainers
 use (``--tp-size``, ``--base-gpu-id``, ``--mem-fraction-static``, ``--enable-memory-saver``,
 ``--skip-tokenizer-init``: we send token ids and read token ids). ``backend="cpu"`` runs
-``python -m megatron_gopd.cpu_server`` (tests, the tiny demo). ``backend="attach"`` uses
-servers someone else runs (``--rollout-urls``), optionally behind an sglang-router
-(``router_url``); ``launch_router=True`` starts ``sglang_router`` in front of launched servers.
+``python -m megatron_gopd.cpu_server`` (tests, the tiny demo) with the same flags where it has
+them. ``backend="attach"`` uses servers someone else runs (``--rollout-urls``), optionally behind
+an sglang-router (``router_url``); ``launch_router=True`` starts ``sglang_router`` in front of
+launched servers.
 
-Every launched server is its own process group (``start_new_session``), so :meth:`stop` ends the
-server and the scheduler/detokenizer processes it forked, and nothing else: no ``pkill``.
+What a launched server gets:
+
+* **A clean environment.** A torchrun worker carries ``TORCHELASTIC_USE_AGENT_STORE=True``,
+  ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``... SGLang creates its own process group over
+  ``tcp://`` at start-up, and torch's rendezvous, seeing the agent-store flag, connects to a store
+  that nobody serves: the server hangs before it is healthy. :func:`server_env` drops every
+  variable torchrun sets for its workers (and the allocator settings SGLang's memory saver does
+  not support), and each server gets its own ``--nccl-port``.
+* **Its keys in a private file.** With ``auth`` set, ``--api-key`` / ``--admin-api-key`` go into a
+  ``--config`` YAML file (mode 600; SGLang reads its options from it), not onto the command line,
+  which every user of the node can read; logged commands are redacted anyway.
+* **A watchdog** (:mod:`~megatron_gopd.rollout.watchdog`): the server and what it forks form one
+  process group led by a small wrapper that ends the group when the process that launched it is
+  gone, however it ended (SIGKILL included). :meth:`stop` ends the group, and nothing else: no
+  ``pkill``.
+
 Readiness is ``/health`` answering 200 (SGLang answers 503 while starting), never a sleep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_gopd.rollout.protocol import http_json
+from megatron_gopd.rollout.protocol import (
+    ServerAuth,
+    SGLangFeatures,
+    http_json,
+    redact_command,
+)
 from megatron_gopd.utils import GopdError, free_port, get_logger
 
-__all__ = ["RolloutServers", "ServerLaunchConfig"]
+__all__ = ["RolloutServers", "ServerLaunchConfig", "server_env", "server_info"]
 
 log = get_logger(__name__)
 
 BACKENDS = ("sglang", "cpu", "attach")
+
+# What torchrun sets in every worker (torch/distributed/elastic/agent/server/api.py and
+# torch/distributed/run.py), and what reads it: TORCHELASTIC_USE_AGENT_STORE makes torch's tcp://
+# rendezvous a client of the agent's store (SGLang then hangs at start-up); RANK, WORLD_SIZE,
+# LOCAL_RANK, MASTER_ADDR/PORT feed any env:// initialisation (SGLang's own with
+# SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE=env://, its NIXL store reads MASTER_ADDR).
+_TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+)
+_TORCHRUN_PREFIXES = ("TORCHELASTIC_",)
+# SGLang's memory saver does not support expandable segments (slime drops these too); and the
+# trainer's own rollout keys are not the server's business
+_SGLANG_DROPPED = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+_SECRETS = ("GOPD_ROLLOUT_API_KEY", "GOPD_ROLLOUT_ADMIN_API_KEY")
+
+
+def server_env(environ: dict[str, str] | None = None, *, backend: str = "sglang") -> dict[str, str]:
+    """The environment a rollout server starts with: the caller's, minus what torchrun put there
+    for its workers (see ``_TORCHRUN_VARS``) and the trainer's secrets."""
+    env = dict(os.environ if environ is None else environ)
+    drop = set(_TORCHRUN_VARS) | set(_SECRETS)
+    if backend == "sglang":
+        drop |= set(_SGLANG_DROPPED)
+    return {k: v for k, v in env.items() if k not in drop and not k.startswith(_TORCHRUN_PREFIXES)}
+
+
+def server_info(url: str, auth: ServerAuth | None = None, timeout: float = 30.0) -> dict:
+    """A server's ``/server_info`` (``/get_server_info`` before SGLang 0.5.6; both carry
+    ``version``). It holds the server's arguments, API keys included: never log it."""
+    last = None
+    for path in ("/server_info", "/get_server_info"):
+        try:
+            status, info = http_json(url + path, timeout=timeout, auth=auth)
+        except OSError as e:
+            raise GopdError(f"{url}{path}: unreachable ({e})") from None
+        if status == 200 and isinstance(info, dict):
+            return info
+        if status == 401:
+            raise GopdError(
+                f"{url} refused the request (HTTP 401): it was started with --api-key; set "
+                "GOPD_ROLLOUT_API_KEY (and GOPD_ROLLOUT_ADMIN_API_KEY for --admin-api-key)"
+            )
+        last = status
+    raise GopdError(f"{url}/server_info answered HTTP {last}")
 
 
 @dataclass(frozen=True)
@@ -59,13 +135,17 @@ class ServerLaunchConfig:
     mem_fraction_static: float | None = None
     enable_memory_saver: bool = False
     random_seed: int = 0
-    deterministic: bool = False  # --enable-deterministic-inference: honours sampling_seed
+    # --enable-deterministic-inference: SGLang honours sampling_seed only with it, and pays for
+    # it (pytorch sampling backend, batch-invariant kernels, fewer attention backends)
+    deterministic: bool = False
     # --enable-fp32-lm-head: fp32 logits, as the trainer computes its log-probs (both backends)
     fp32_lm_head: bool = False
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 900.0
     log_dir: str | None = None
     restart_dead: bool = True
+    # keys the servers are started with (launched) or expect (attached)
+    auth: ServerAuth = field(default_factory=ServerAuth)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -78,8 +158,6 @@ class ServerLaunchConfig:
                 raise GopdError(f"launching {self.backend} servers needs a model path")
             if self.num_servers < 1 or self.tp_size < 1:
                 raise GopdError("num_servers and tp_size must be >= 1")
-            if self.backend == "cpu" and self.tp_size != 1:
-                raise GopdError("the CPU rollout server supports tp_size 1 only")
 
 
 @dataclass
@@ -196,43 +274,29 @@ class RolloutServers:
         """TP size of a server (weight sync needs it): our config, else its /server_info."""
         if self.config.backend != "attach":
             return self.config.tp_size
-        try:
-            status, info = http_json(f"{url}/server_info", timeout=30)
-        except OSError as e:
-            raise GopdError(f"{url}/server_info: unreachable ({e})") from None
-        if status != 200 or not isinstance(info, dict) or "tp_size" not in info:
-            raise GopdError(f"{url}/server_info does not report tp_size (HTTP {status})")
+        info = server_info(url, self.config.auth)
+        if not isinstance(info.get("tp_size"), int):
+            raise GopdError(f"{url}/server_info does not report tp_size")
         return int(info["tp_size"])
+
+    def features(self, url: str) -> SGLangFeatures:
+        """What the server's SGLang version can do (from its ``version``)."""
+        return SGLangFeatures(str(server_info(url, self.config.auth).get("version", "")))
 
     # ------------------------------------------------------------------ commands
 
-    def command(self, index: int, port: int) -> list[str]:
+    def command(
+        self, index: int, port: int, *, nccl_port: int | None = None, config_file: str | None = None
+    ) -> list[str]:
+        """Server ``index``'s command line. ``config_file``: the YAML file holding its keys
+        (``--config``); ``nccl_port``: the port of its own process group (SGLang otherwise picks
+        one at random, racing its neighbours)."""
         cfg = self.config
-        if cfg.backend == "cpu":
-            cmd = [
-                sys.executable,
-                "-m",
-                "megatron_gopd.cpu_server",
-                "--model-path",
-                str(cfg.model_path),
-                "--host",
-                cfg.host,
-                "--port",
-                str(port),
-                "--dtype",
-                cfg.dtype,
-                "--random-seed",
-                str(cfg.random_seed + index),
-            ]
-            if cfg.context_length:
-                cmd += ["--context-length", str(cfg.context_length)]
-            if cfg.fp32_lm_head:
-                cmd.append("--enable-fp32-lm-head")
-            return cmd + list(cfg.extra_args)
+        module = "megatron_gopd.cpu_server" if cfg.backend == "cpu" else "sglang.launch_server"
         cmd = [
             sys.executable,
             "-m",
-            "sglang.launch_server",
+            module,
             "--model-path",
             str(cfg.model_path),
             "--host",
@@ -249,7 +313,9 @@ class RolloutServers:
             str(cfg.random_seed + index),
             "--skip-tokenizer-init",
         ]
-        if cfg.mem_fraction_static is not None:
+        if nccl_port is not None:
+            cmd += ["--nccl-port", str(nccl_port)]
+        if cfg.mem_fraction_static is not None and cfg.backend == "sglang":
             cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
         if cfg.enable_memory_saver:
             cmd.append("--enable-memory-saver")
@@ -259,15 +325,39 @@ class RolloutServers:
             cmd.append("--enable-deterministic-inference")
         if cfg.fp32_lm_head:
             cmd.append("--enable-fp32-lm-head")
+        if config_file is not None:
+            cmd += ["--config", config_file]
         return cmd + list(cfg.extra_args)
 
     def _port(self, index: int) -> int:
         base = self.config.base_port
         return base + index if base else free_port()
 
+    def _auth_file(self, name: str) -> str | None:
+        """The server's keys in a YAML file only this user can read (SGLang's ``--config``)."""
+        auth = self.config.auth
+        if not auth:
+            return None
+        assert self._log_dir is not None
+        path = self._log_dir / f".{name}-auth.yaml"
+        lines = []
+        if auth.api_key:
+            lines.append(f"api-key: {json.dumps(auth.api_key)}")
+        if auth.admin_api_key:
+            lines.append(f"admin-api-key: {json.dumps(auth.admin_api_key)}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return str(path)
+
     def _spawn(self, index: int) -> _Proc:
         port = self._port(index)
-        cmd = self.command(index, port)
+        nccl_port = free_port()
+        while nccl_port == port:
+            nccl_port = free_port()
+        cmd = self.command(
+            index, port, nccl_port=nccl_port, config_file=self._auth_file(f"server{index}")
+        )
         return self._popen(index, cmd, port, f"server{index}")
 
     def _spawn_router(self) -> _Proc:
@@ -288,15 +378,17 @@ class RolloutServers:
     def _popen(self, index: int, cmd: list[str], port: int, name: str) -> _Proc:
         assert self._log_dir is not None
         log_path = self._log_dir / f"{name}-{port}.log"
-        env = dict(os.environ)
+        env = server_env(backend=self.config.backend)
         # children import this package: make the caller's import path theirs
         env["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, env.get("PYTHONPATH", "")] if p)
+        guarded = [sys.executable, "-m", "megatron_gopd.rollout.watchdog", "--", *cmd]
         with open(log_path, "wb") as f:
             popen = subprocess.Popen(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                guarded, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
-        return _Proc(index, f"http://{self.config.host}:{port}", popen, log_path)
+        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(redact_command(cmd)))
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return _Proc(index, f"http://{host}:{port}", popen, log_path)
 
     def _wait_ready(self, p: _Proc) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s

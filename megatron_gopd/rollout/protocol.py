@@ -27,16 +27,21 @@ from typing import Any
 from megatron_gopd.utils import GopdError
 
 __all__ = [
+    "ADMIN_PATHS",
+    "MEMORY_TAGS",
     "SAMPLING_PARAM_FIELDS",
     "SGLANG_SCHEMA_VERSION",
     "ContractError",
     "GenerateOutput",
     "ProtocolError",
     "RequestError",
+    "SGLangFeatures",
     "SamplingConfig",
+    "ServerAuth",
     "check_generate",
     "http_json",
     "parse_generate_output",
+    "redact_command",
 ]
 
 SGLANG_SCHEMA_VERSION = "0.5.23"
@@ -96,6 +101,174 @@ _BOOL_KEYS = {
     "no_stop_trim",
 }
 TOP_K_ALL = 1 << 30
+
+# ---------------------------------------------------------------------------------- versions
+
+# What changed between the SGLang releases we support, bisected over the PyPI wheels (grep of
+# ``srt/entrypoints/http_server.py``, ``srt/managers/io_struct.py``, ``srt/constants.py``,
+# ``srt/utils/auth.py`` of 0.5.4, 0.5.4.post3, 0.5.5-0.5.5.post3, 0.5.6-0.5.10, 0.5.15.post1,
+# 0.5.18-0.5.23). Each entry: the first release that has it.
+_FIRST = {
+    # /release_memory_occupation knows the "cuda_graph" tag and releases it by default
+    "cuda_graph_tag": "0.5.4.post3",
+    # UpdateWeightsFromDistributedReqInput.load_format ("flattened_bucket": one broadcast per
+    # bucket); older servers drop the field and expect one broadcast per tensor
+    "flattened_distributed": "0.5.6",
+    # /weights_checker (checksums of the served parameters), /server_info, /model_info
+    "weights_checker": "0.5.6",
+    # --admin-api-key and per-endpoint auth levels (srt/utils/auth.py)
+    "admin_api_key": "0.5.8",
+    # /ready* needs no key
+    "ready_is_public": "0.5.20",
+    # update_weights_from_tensor / _distributed fail unless between /begin_weight_update and
+    # /end_weight_update
+    "weight_update_session": "0.5.21",
+}
+
+# SGLang's memory tags (srt/constants.py: GPU_MEMORY_TYPE_*). 0.5.4 knows the first two only but
+# accepts "cuda_graph" in a release/resume list (it only records it), so sending all three works
+# on every version.
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+# The endpoints SGLang 0.5.23 decorates with ``auth_level(AuthLevel.ADMIN_OPTIONAL)``: with
+# ``--admin-api-key`` set they take that key only; otherwise ``--api-key``. Every other path but
+# /health*, /metrics* (and /ready* from 0.5.20) takes ``--api-key``.
+ADMIN_PATHS = frozenset(
+    {
+        "/flush_cache",
+        "/abort_request",
+        "/update_weights_from_disk",
+        "/update_weights_from_tensor",
+        "/update_weights_from_distributed",
+        "/init_weights_update_group",
+        "/destroy_weights_update_group",
+        "/begin_weight_update",
+        "/end_weight_update",
+        "/update_weight_version",
+        "/get_weights_by_name",
+        "/weights_checker",
+        "/release_memory_occupation",
+        "/resume_memory_occupation",
+        "/pause_generation",
+        "/continue_generation",
+    }
+)
+
+
+def _version(text: str):
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+@dataclass(frozen=True)
+class SGLangFeatures:
+    """What a server of a given SGLang version does differently (see ``_FIRST``).
+
+    ``version`` is the server's own (``/get_server_info["version"]``); an unparsable one (a fork,
+    a dev build) is taken as the pinned schema version.
+    """
+
+    version: str = SGLANG_SCHEMA_VERSION
+
+    def has(self, feature: str) -> bool:
+        v = _version(self.version) or _version(SGLANG_SCHEMA_VERSION)
+        return v >= _version(_FIRST[feature])
+
+    @property
+    def flattened_distributed(self) -> bool:
+        return self.has("flattened_distributed")
+
+    @property
+    def weights_checker(self) -> bool:
+        return self.has("weights_checker")
+
+    @property
+    def weight_update_session(self) -> bool:
+        return self.has("weight_update_session")
+
+    @property
+    def admin_api_key(self) -> bool:
+        return self.has("admin_api_key")
+
+    @property
+    def ready_is_public(self) -> bool:
+        return self.has("ready_is_public")
+
+    @property
+    def default_memory_tags(self) -> tuple[str, ...]:
+        """What ``/release_memory_occupation`` without tags releases."""
+        if self.has("cuda_graph_tag"):
+            return ("kv_cache", "weights", "cuda_graph")
+        return ("weights", "kv_cache")
+
+    @property
+    def server_info_path(self) -> str:
+        return "/server_info" if self.weights_checker else "/get_server_info"
+
+
+# ---------------------------------------------------------------------------------- auth
+
+
+@dataclass(frozen=True)
+class ServerAuth:
+    """The keys a client sends (``Authorization: Bearer KEY``), as SGLang checks them.
+
+    ``api_key``: the servers' ``--api-key``; ``admin_api_key``: their ``--admin-api-key``
+    (0.5.8+), which the admin endpoints (:data:`ADMIN_PATHS`) then require instead. Never printed:
+    ``repr`` hides the values.
+    """
+
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, environ=None) -> ServerAuth:
+        """``GOPD_ROLLOUT_API_KEY`` / ``GOPD_ROLLOUT_ADMIN_API_KEY`` (the Slurm launcher sets the
+        first for the servers it starts; secrets stay out of command lines and run configs)."""
+        import os
+
+        env = os.environ if environ is None else environ
+        return cls(
+            env.get("GOPD_ROLLOUT_API_KEY") or None, env.get("GOPD_ROLLOUT_ADMIN_API_KEY") or None
+        )
+
+    def headers(self, path: str) -> dict[str, str]:
+        key = self.admin_api_key if (self.admin_api_key and _path(path) in ADMIN_PATHS) else None
+        key = key or self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def __bool__(self) -> bool:
+        return bool(self.api_key or self.admin_api_key)
+
+
+def _path(url_or_path: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(url_or_path).path or url_or_path
+
+
+_SECRET_FLAGS = ("--api-key", "--admin-api-key")
+
+
+def redact_command(cmd: list[str]) -> list[str]:
+    """A command line with the values of ``--api-key`` / ``--admin-api-key`` replaced, for logs."""
+    out, hide = [], False
+    for a in cmd:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a in _SECRET_FLAGS:
+            out.append(a)
+            hide = True
+        elif a.startswith(tuple(f"{f}=" for f in _SECRET_FLAGS)):
+            out.append(a.split("=", 1)[0] + "=***")
+        else:
+            out.append(a)
+    return out
 
 
 class ProtocolError(GopdError):
@@ -416,18 +589,27 @@ def verify_sampling_params(sp: dict[str, Any]) -> None:
 
 
 def http_json(
-    url: str, payload: Any = None, *, method: str | None = None, timeout: float = 60.0
+    url: str,
+    payload: Any = None,
+    *,
+    method: str | None = None,
+    timeout: float = 60.0,
+    auth: ServerAuth | None = None,
 ) -> tuple[int, Any]:
     """One blocking JSON request (admin endpoints; generation uses the async client).
 
     Returns ``(status, parsed body or text)``; raises ``OSError`` when the server is unreachable.
+    ``auth``: the keys to send (the admin key to admin endpoints, when there is one).
     """
     data = None if payload is None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if auth:
+        headers.update(auth.headers(url))
     req = urllib.request.Request(
         url,
         data=data,
         method=method or ("POST" if data is not None else "GET"),
-        headers={"Content-Type": "application/json"} if data is not None else {},
+        headers=headers,
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:

@@ -17,7 +17,57 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-__all__ = ["init_custom_process_group"]
+__all__ = ["init_custom_process_group", "routable_address", "tcp_url"]
+
+
+def routable_address(urls) -> str:
+    """This host's address as the servers at ``urls`` see it: the source address of the route
+    toward each server (a UDP ``connect`` sends nothing). Loopback only when every server is on
+    this host's loopback; a server elsewhere gets the address of the interface that reaches it,
+    so a weight-update group never asks a remote server to dial 127.0.0.1 (IPv6 too)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlparse
+
+    from megatron_gopd.utils import GopdError
+
+    loopback = None
+    tried = []
+    for url in urls:
+        host = urlparse(url).hostname
+        if not host:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, 80, type=socket.SOCK_DGRAM)
+        except socket.gaierror as e:
+            tried.append(f"{host}: {e.strerror}")
+            continue
+        for family, _, _, _, sockaddr in infos:
+            if ipaddress.ip_address(sockaddr[0].split("%")[0]).is_loopback:
+                loopback = loopback or sockaddr[0]
+                continue
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                try:
+                    s.connect(sockaddr)
+                except OSError as e:
+                    tried.append(f"{host}: {e.strerror}")
+                    continue
+                return s.getsockname()[0].split("%")[0]
+    if loopback is not None:
+        return loopback
+    raise GopdError(
+        "cannot tell which address of this host the rollout servers reach "
+        f"({'; '.join(tried) or 'no server URL'}): set --weight-sync-master-addr"
+    )
+
+
+def tcp_url(host: str, port: int) -> str:
+    """``tcp://HOST:PORT`` with an IPv6 address in brackets (``tcp://[fd00::1]:29500``); a host
+    given in brackets already is kept as it is."""
+    host = host.strip()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{int(port)}"
 
 
 def init_custom_process_group(

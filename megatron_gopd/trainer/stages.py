@@ -49,7 +49,7 @@ from megatron_gopd.trainer.tracking import (
 )
 from megatron_gopd.trainer.update import build_optimizer, collate, collate_packed, train_step
 from megatron_gopd.types import PackedSeqs, Sample
-from megatron_gopd.utils import get_logger
+from megatron_gopd.utils import GopdError, get_logger
 from megatron_gopd.vocab_parallel.output_layer import FrozenLogits, OutputLayer
 
 __all__ = ["GOPDTrainer", "RoleScores", "StepCounts"]
@@ -132,6 +132,13 @@ class GOPDTrainer:
         self.opt = build_optimizer(
             self.student.model, cfg.optim, train_iters=cfg.train_iters, bf16=cfg.models.bf16
         )
+        if cfg.rollout.colocate and cfg.rollout.offload_train:
+            from megatron_gopd.trainer.offload import TrainOffloader
+
+            frozen = list(
+                {id(r): r for r in [*self.teachers.values(), *self.refs.values()]}.values()
+            )
+            self.rollout.attach_trainer(TrainOffloader(self.student, self.opt, frozen))
         self.data = PromptIterator(PromptDataset(inputs.prompts), seed=cfg.seed)
         self.eval_prompts = inputs.eval_prompts
         self.start_step = 0
@@ -211,17 +218,24 @@ class GOPDTrainer:
     def generate(
         self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None
     ) -> list[Sample] | None:
-        """Student responses to ``prompts`` on rank 0 (it asks the servers; None elsewhere)."""
-        if not parallel.is_rank0():
-            return None
-        return self.rollout.sample(prompts, n=n, seed=seed, temperature=temperature)
+        """Student responses to ``prompts`` on rank 0 (it asks the servers; None elsewhere:
+        :meth:`_distribute` sends each rank its share). Colocated servers get the GPUs for the
+        duration (``serving``); a rank-0 error is raised on every rank."""
+        samples, error = None, None
+        with self.rollout.serving(self.student):
+            if parallel.is_rank0():
+                try:
+                    samples = self.rollout.sample(prompts, n=n, seed=seed, temperature=temperature)
+                except GopdError as e:
+                    error = str(e)
+        parallel.raise_rank0_error(error)
+        return samples
 
     def rollout_step(self, step: int) -> list[Sample]:
         prompts = self.data.next(self.cfg.rollout.rollout_batch_size)
         samples = self.generate(
             prompts, n=self.cfg.rollout.n_samples_per_prompt, seed=self.cfg.seed * 100003 + step
         )
-        self.rollout.release_memory()  # colocated servers give the GPUs back to the trainer
         mine, self._layout = self._distribute(samples, updates=self.cfg.updates_per_step)
         return mine
 

@@ -7,15 +7,22 @@
 #   slurm/ci/cluster.sh status
 #   slurm/ci/cluster.sh stop     # stops only the daemons this script started (by their pid files)
 #
-# Everything lives in one state directory (config, keys, sockets, pid files, logs, spool), so the
-# cluster never touches /etc/slurm, /etc/munge or a munged/slurmd someone else runs on the host.
+# Every emulated node is a network namespace of its own (gopd-PORT-n1, ...), with one interface
+# (gopd0) and a private address (10.87.X.1, .2, ...) on a bridge in the host's namespace, where
+# slurmctld listens (10.87.X.254). A node's 127.0.0.1 is its own: a job step, a server and a
+# trainer on n1 reach n2 only at n2's address, as on real nodes, so no multi-node test can pass by
+# sharing a loopback. Needs root (ip netns); the addresses exist only inside this cluster.
+#
+# Everything else lives in one state directory (config, keys, sockets, pid files, logs, spool), so
+# the cluster never touches /etc/slurm, /etc/munge or a munged/slurmd someone else runs on the host.
 # Settings that make it work without systemd or cgroups (see ../../shared/DESIGN.md, section 4):
-# proctrack/linuxproc (tracks a job's processes by parent pid), task/none, SlurmUser=root, all nodes
-# at NodeAddr=127.0.0.1 with their own slurmd port.
+# proctrack/linuxproc (tracks a job's processes by parent pid), task/none, SlurmUser=root.
 #
 # Environment: GOPD_SLURM_CI_DIR (state directory, default ${TMPDIR:-/tmp}/gopd-slurm-ci-$UID),
-# GOPD_SLURM_CI_PORT (first of the three ports it uses, default 16817), GOPD_SLURM_CI_NODES
-# (number of emulated nodes, default 2), GOPD_SLURM_CI_CPUS (CPUs each node claims, default: nproc).
+# GOPD_SLURM_CI_PORT (first of the three ports it uses, default 16817; it also names the
+# namespaces and picks the subnet), GOPD_SLURM_CI_NODES (number of emulated nodes, default 2),
+# GOPD_SLURM_CI_CPUS (CPUs each node claims, default: nproc), GOPD_SLURM_CI_SUBNET (the nodes'
+# /24 as A.B.C, default 10.87.$((PORT % 250))).
 set -euo pipefail
 
 STATE_DIR=${GOPD_SLURM_CI_DIR:-${TMPDIR:-/tmp}/gopd-slurm-ci-$(id -u)}
@@ -24,6 +31,10 @@ NUM_NODES=${GOPD_SLURM_CI_NODES:-2}
 CPUS=${GOPD_SLURM_CI_CPUS:-$(nproc)}
 CONF="$STATE_DIR/slurm.conf"
 MUNGE_SOCKET="$STATE_DIR/munge/munge.socket"
+SUBNET=${GOPD_SLURM_CI_SUBNET:-10.87.$((PORT % 250))}
+CTLD_ADDR=$SUBNET.254
+BRIDGE=gopdbr$PORT
+NODE_IF=gopd0 # the interface of every node, inside its namespace (slurm/ci/site.sh names it)
 
 log() { printf '[slurm-ci] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -31,6 +42,44 @@ die() { log "error: $*"; exit 1; }
 node_names() {
     local i
     for ((i = 1; i <= NUM_NODES; i++)); do printf 'n%d\n' "$i"; done
+}
+
+node_ns() { printf 'gopd-%s-%s\n' "$PORT" "$1"; }  # the namespace of node NAME
+node_addr() { printf '%s.%s\n' "$SUBNET" "${1#n}"; }  # the address of node NAME
+
+# The bridge with slurmctld's address, and a namespace per node wired to it by a veth pair.
+# Idempotent: what exists is kept.
+start_network() {
+    local name ns host_end i=0
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge
+        ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+    fi
+    ip link set "$BRIDGE" up
+    for name in $(node_names); do
+        i=$((i + 1))
+        ns=$(node_ns "$name")
+        host_end=gopd${PORT}n$i
+        ip netns list | grep -qx "$ns\( .*\)\?" || ip netns add "$ns"
+        if ! ip link show "$host_end" >/dev/null 2>&1; then
+            ip link add "$host_end" type veth peer name "$NODE_IF" netns "$ns"
+            ip link set "$host_end" master "$BRIDGE"
+            ip -n "$ns" addr add "$(node_addr "$name")/24" dev "$NODE_IF"
+        fi
+        ip link set "$host_end" up
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set "$NODE_IF" up
+    done
+}
+
+stop_network() {
+    local name i=0
+    for name in $(node_names); do
+        i=$((i + 1))
+        ip netns del "$(node_ns "$name")" 2>/dev/null || true
+        ip link del "gopd${PORT}n$i" 2>/dev/null || true
+    done
+    ip link del "$BRIDGE" 2>/dev/null || true
 }
 
 # A pid file whose process is alive (and is the daemon named, not a recycled pid).
@@ -45,11 +94,12 @@ pid_alive() {
 
 require_tools() {
     local t missing=()
-    for t in munged slurmctld slurmd sbatch scontrol; do
+    for t in munged slurmctld slurmd sbatch scontrol ip nsenter; do
         command -v "$t" >/dev/null || missing+=("$t")
     done
     ((${#missing[@]} == 0)) ||
-        die "missing ${missing[*]}: apt-get install slurmctld slurmd slurm-client munge"
+        die "missing ${missing[*]}: apt-get install slurmctld slurmd slurm-client munge iproute2"
+    ((EUID == 0)) || die "the emulated nodes are network namespaces: run as root (or with sudo)"
 }
 
 write_config() {
@@ -65,9 +115,9 @@ write_config() {
     tmp=$(mktemp "$STATE_DIR/slurm.conf.XXXXXX")
     {
         cat <<CONF
-# Written by slurm/ci/cluster.sh: a one-host test cluster.
+# Written by slurm/ci/cluster.sh: a one-host test cluster, one network namespace per node.
 ClusterName=gopdci
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost($CTLD_ADDR)
 SlurmctldPort=$PORT
 SlurmUser=root
 SlurmdUser=root
@@ -104,8 +154,8 @@ InactiveLimit=0
 CONF
         for name in $(node_names); do
             i=$((i + 1))
-            printf 'NodeName=%s NodeAddr=127.0.0.1 Port=%d CPUs=%d State=UNKNOWN\n' \
-                "$name" $((PORT + i)) "$CPUS"
+            printf 'NodeName=%s NodeAddr=%s Port=%d CPUs=%d State=UNKNOWN\n' \
+                "$name" "$(node_addr "$name")" $((PORT + i)) "$CPUS"
         done
         printf 'PartitionName=debug Nodes=%s Default=YES MaxTime=INFINITE State=UP\n' "$nodes"
     } >"$tmp"
@@ -143,7 +193,9 @@ start_slurmd() {
     for name in $(node_names); do
         pid_alive "$STATE_DIR/slurmd-$name.pid" slurmd && continue
         mkdir -p "$STATE_DIR/spool/$name"
-        slurmd -f "$CONF" -N "$name"
+        # the node's processes (its job steps) live in its namespace
+        # (nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup fs slurmd reads)
+        nsenter --net="/run/netns/$(node_ns "$name")" slurmd -f "$CONF" -N "$name"
     done
 }
 
@@ -164,6 +216,7 @@ wait_ready() {
 cmd_start() {
     require_tools
     write_config
+    start_network
     start_munged
     start_slurmctld
     start_slurmd
@@ -195,6 +248,7 @@ cmd_stop() {
     done
     stop_pidfile "$STATE_DIR/slurmctld.pid" slurmctld
     stop_pidfile "$STATE_DIR/munge/munged.pid" munged
+    stop_network
     log "stopped (state kept in $STATE_DIR)"
 }
 

@@ -6,6 +6,7 @@
 SITE_GPU_REQUEST=none
 # the interpreter of the environment under test (a venv's python), else whatever python3 is
 SITE_PYTHON=${GOPD_PYTHON:-python3}
-# every "node" is this host: gloo over loopback, and each node's servers on their own ports
-SITE_SOCKET_IFNAME=lo
-SITE_SHARED_HOST_PORT_OFFSET=100
+# every node is a network namespace with one interface, gopd0, and an address of its own on it
+# (slurm/ci/cluster.sh): gloo between nodes goes over it, and ports do not collide across nodes
+SITE_SOCKET_IFNAME=gopd0
+SITE_SHARED_HOST_PORT_OFFSET=0
