@@ -23,6 +23,7 @@ The rollout case (the CPU stand-in for SGLang against a plain batched sampling l
 prompts) is ``--rollout``; see :func:`rollout_case`.
 
     python benchmarks/bench_step.py                 # ~5 min on 2 cores
+    python benchmarks/bench_step.py --rollout       # ~1 min
     python benchmarks/bench_step.py --json          # one JSON object
     python benchmarks/bench_step.py --sequences 32 --max-len 256   # a quick look
 """
@@ -228,6 +229,137 @@ def run(a) -> dict:
     return report
 
 
+def _plain_sampler(model_dir: str, prompts: list[list[int]], new_tokens: int, seed: int) -> float:
+    """Seconds for a plain batched sampling loop: the HF model (its default attention), the
+    prompts left-padded into one batch, a KV cache, ``new_tokens`` multinomial draws at T = 1
+    with the sampled tokens' log-probs -- what the server's work would cost without a server."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    gen = torch.Generator().manual_seed(seed)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            m, pos = mask.clone(), (mask.cumsum(1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True)
+            cache, last = out.past_key_values, out.logits[:, -1].float()
+            lps = []
+            for _ in range(new_tokens):
+                lp = F.log_softmax(last, dim=-1)
+                tok = torch.multinomial(lp.exp(), 1, generator=gen)
+                lps.append(lp.gather(1, tok))
+                m = torch.cat([m, torch.ones_like(tok)], 1)
+                pos = pos[:, -1:] + 1
+                out = model(
+                    input_ids=tok, attention_mask=m, position_ids=pos, past_key_values=cache
+                )
+                cache, last = out.past_key_values, out.logits[:, -1].float()
+        return time.perf_counter() - t0
+
+    once()  # warm-up
+    return min(once() for _ in range(2))
+
+
+def _served(
+    model_dir: str, prompts, new_tokens: int, seed: int, deterministic: bool, per_request: int = 1
+) -> float:
+    """Seconds for the same rollout through the CPU server over HTTP with the trainer's client
+    (``per_request`` prompts per request, every request in flight at once), the server started
+    with one thread, as the loop has."""
+    import os
+    import subprocess
+
+    from megatron_gopd.rollout.client import ClientConfig, RolloutClient
+    from megatron_gopd.rollout.protocol import SamplingConfig, http_json
+    from megatron_gopd.utils import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "megatron_gopd.cpu_server", "--model-path", model_dir]
+    cmd += ["--port", str(port), "--random-seed", str(seed)]
+    if deterministic:
+        cmd.append("--enable-deterministic-inference")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+            try:
+                if http_json(url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the CPU server did not come up in 120 s")
+            time.sleep(0.1)
+        client = RolloutClient(
+            [url], ClientConfig(max_in_flight_per_server=len(prompts), progress=False)
+        )
+        sampling = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True, seed=seed)
+        jobs = [(p, "default", {}, i) for i, p in enumerate(prompts)]
+
+        def once() -> float:
+            t0 = time.perf_counter()
+            out = client.sample(jobs, n=1, sampling=sampling)
+            assert sum(s.response_len for s in out) == len(prompts) * new_tokens
+            return time.perf_counter() - t0
+
+        once()  # warm-up
+        return min(once() for _ in range(2))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def rollout_case(a) -> dict:
+    """The CPU stand-in for SGLang against a plain batched sampling loop, same model, same
+    prompts (``--rollout-prompts`` of 8..16 tokens, ``--rollout-tokens`` new tokens each, T = 1),
+    the server in its default mode and with ``--enable-deterministic-inference`` (batch-invariant
+    row-wise kernels); best of two after a warm-up, each."""
+    import tempfile
+
+    from megatron_gopd.testing import make_tiny_hf_model
+
+    rng = random.Random(a.seed)
+    with tempfile.TemporaryDirectory() as d:
+        model = make_tiny_hf_model(Path(d) / "hf", "qwen3", seed=a.seed)
+        params = sum(p.numel() for p in model.parameters())
+        vocab = 100
+        prompts = [
+            [rng.randrange(3, vocab) for _ in range(rng.randint(8, 16))]
+            for _ in range(a.rollout_prompts)
+        ]
+        args = (str(Path(d) / "hf"), prompts, a.rollout_tokens, a.seed)
+        plain = _plain_sampler(*args)
+        served = _served(*args, deterministic=False)
+        served_det = _served(*args, deterministic=True)
+        served_16 = _served(*args, deterministic=False, per_request=16)
+    return {
+        "workload": {
+            "prompts": len(prompts),
+            "new_tokens": a.rollout_tokens,
+            "model_parameters": params,
+        },
+        "seconds_plain_loop": plain,
+        "seconds_cpu_server": served,
+        "seconds_cpu_server_deterministic": served_det,
+        "seconds_cpu_server_16_per_request": served_16,
+        "cpu_server_vs_plain": served / plain,
+        "cpu_server_deterministic_vs_plain": served_det / plain,
+        "cpu_server_16_per_request_vs_plain": served_16 / plain,
+    }
+
+
 def _histogram(lens: list[int]) -> str:
     edges = [16, 64, 128, 256, 512, 1024, 2049]
     rows = []
@@ -248,7 +380,36 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rollout", action="store_true", help="the rollout case instead")
+    ap.add_argument("--rollout-prompts", type=int, default=128)
+    ap.add_argument("--rollout-tokens", type=int, default=16)
     a = ap.parse_args()
+    if a.rollout:
+        r = rollout_case(a)
+        if a.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        w = r["workload"]
+        print(
+            f"{w['prompts']} prompts x {w['new_tokens']} new tokens, one sample each, "
+            f"a {w['model_parameters']}-parameter Qwen3-shaped model, 1 thread\n"
+        )
+        print("| | seconds | vs plain loop |\n|---|---|---|")
+        print(f"| plain batched HF sampling loop | {r['seconds_plain_loop']:.3f} | 1.00x |")
+        print(
+            f"| CPU server (HTTP, trainer's client, 1 prompt per request) | "
+            f"{r['seconds_cpu_server']:.3f} | {r['cpu_server_vs_plain']:.2f}x |"
+        )
+        print(
+            f"| CPU server, 16 prompts per request | {r['seconds_cpu_server_16_per_request']:.3f} | "
+            f"{r['cpu_server_16_per_request_vs_plain']:.2f}x |"
+        )
+        print(
+            "| CPU server, --enable-deterministic-inference | "
+            f"{r['seconds_cpu_server_deterministic']:.3f} | "
+            f"{r['cpu_server_deterministic_vs_plain']:.2f}x |"
+        )
+        return 0
     report = run(a)
     if a.json:
         print(json.dumps(report, indent=2))

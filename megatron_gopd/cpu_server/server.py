@@ -684,6 +684,9 @@ class CpuServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body are two writes: without TCP_NODELAY the body waits for the
+            # client's delayed ACK of the headers (up to 40 ms per answer on Linux)
+            disable_nagle_algorithm = True
             timeout = opts.read_timeout_s  # a stalled client cannot hold a handler forever
 
             def log_message(self, fmt, *args):  # quiet: the trainer's log is the one to read
