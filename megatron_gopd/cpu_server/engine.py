@@ -24,8 +24,20 @@ Semantics follow SGLang 0.5.23 where a trainer can observe them:
   ``lm_head.weight`` as SGLang's Llama/Qwen loaders do. An update is validated whole (names,
   shapes) before the first copy, so a bad update leaves the old weights in place.
 
-The model runs in the checkpoint's dtype unless told otherwise, with eager attention, so that its
-log-probs are a faithful fp32 reference for the parity tests. ``enable_fp32_lm_head`` is SGLang's
+Batching, as SGLang's scheduler does it: every request in flight runs in one batch. A request's
+samples join a waiting queue; between two decode steps the scheduler admits waiting rows (at most
+``max_running_requests`` rows in the batch, ``max_prefill_tokens`` prompt tokens per step), runs
+one forward over the prompts of the newly admitted rows and the last token of every running row,
+packed into one sequence without padding, samples every row, and retires finished and aborted
+rows. Each row keeps its keys and values in a slot of its own and attends to that slot only. With
+``deterministic=True`` the forward is batch-invariant, as SGLang's deterministic inference is: the
+linear layers compute row by row and attention groups only rows of equal shape, so a seeded
+request gives the same bits whatever else runs (a plain batched GEMM changes a row's bits with
+the batch, by up to 1e-5 here); without it rows are grouped more coarsely and the bits depend on
+the company, as SGLang's default kernels' do.
+
+The model runs in the checkpoint's dtype unless told otherwise, with eager attention's maths, so
+that its log-probs are a faithful fp32 reference for the parity tests. ``enable_fp32_lm_head`` is SGLang's
 ``--enable-fp32-lm-head`` (fp32 logits from a bf16 model, as the trainer computes them);
 ``device`` runs the model on a GPU (sampling stays on the host).
 """
@@ -195,6 +207,7 @@ class CpuEngine:
             self._inflight.difference_update(rids)
 
     def _start_scheduler(self) -> None:
+        """(under ``_cond``) A scheduler thread while there is work; it ends when idle."""
         if self._scheduler is None:
             self._scheduler = threading.Thread(
                 target=self._schedule, name="cpu-engine-scheduler", daemon=True
@@ -208,8 +221,12 @@ class CpuEngine:
         active: list[_Row] = []
         while True:
             with self._cond:
-                while not self._pending and not active:
-                    self._cond.wait()
+                if not self._pending and not active:
+                    # idle: the thread ends (a new one starts with the next request), so that
+                    # no thread of ours is left inside torch when the interpreter exits
+                    self._scheduler = None
+                    self._pool = _KVPool()  # and the caches' memory goes back
+                    return
                 admitted, budget = [], self.max_prefill_tokens
                 while self._pending and len(active) + len(admitted) < self.max_running_requests:
                     n = len(self._pending[0].item.input_ids)
@@ -223,8 +240,6 @@ class CpuEngine:
                 for row in active + admitted:
                     row.req.fail(e)
                 active = []
-            if not active:  # idle: the caches' memory goes back
-                self._pool = _KVPool()
 
     @torch.no_grad()
     def _step(self, active: list[_Row], admitted: list[_Row]) -> list[_Row]:
@@ -322,7 +337,7 @@ class CpuEngine:
                     max(tot),
                     torch.tensor(t, device=dev),
                     torch.tensor(sl, device=dev),
-                    None if min(tot) == max(tot) else torch.tensor(tot, device=dev),
+                    _hidden(n, tot, dev),
                 )
                 for (n, _), (t, sl, tot) in shapes.items()
             ],
@@ -606,7 +621,7 @@ class _KVPool:
 class _StepRows:
     """What one forward's attention needs: the pool, its required size, each packed token's
     slot and position, and the rows grouped as ``(n_new, longest total, token indices in the
-    packed sequence, slots, each row's total or None when they are all equal)``."""
+    packed sequence, slots, the positions hidden from each query or None)``."""
 
     pool: _KVPool
     slots: int
@@ -668,25 +683,31 @@ def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=
     groups = n_q // n_kv
     out = query.new_empty(n_tok, n_q, d)
     q_all = query[0]
-    for n, total, toks, slots, totals in ctx.groups:
+    for n, total, toks, slots, hidden in ctx.groups:
         g = slots.numel()
         q = q_all[:, toks].view(n_kv, groups, g, n, d).permute(2, 0, 1, 3, 4)
         q = q.reshape(g, n_kv, groups * n, d)
         k, v = keys[slots, :, :total], values[slots, :, :total]  # [g, n_kv, total, d]
         w = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)  # [g, n_kv, groups * n, total]
-        if n > 1 or totals is not None:
-            # row r's query j sits at position totals[r] - n + j; it sees positions <= it
-            ends = torch.full((g,), total, device=w.device) if totals is None else totals
-            qpos = ends[:, None] - n + torch.arange(n, device=w.device)[None, :]  # [g, n]
-            hidden = torch.arange(total, device=w.device)[None, None, :] > qpos[:, :, None]
-            w = w.view(g, n_kv, groups, n, total).masked_fill(
-                hidden[:, None, None], torch.finfo(w.dtype).min
-            )
+        if hidden is not None:
+            w = w.view(g, n_kv, groups, n, total).masked_fill(hidden, torch.finfo(w.dtype).min)
             w = w.view(g, n_kv, groups * n, total)
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
         o = torch.matmul(w, v).view(g, n_kv, groups, n, d).permute(0, 3, 1, 2, 4)
         out[toks] = o.reshape(g * n, n_q, d)
     return out.unsqueeze(0), None
+
+
+def _hidden(n: int, totals: list[int], device) -> torch.Tensor | None:
+    """The positions each query of a group must not see, ``[g, 1, 1, n, longest]`` (None: none):
+    row r's query j sits at position ``totals[r] - n + j`` and sees the positions up to it."""
+    longest = max(totals)
+    if n == 1 and min(totals) == longest:
+        return None
+    ends = torch.tensor(totals, device=device)
+    qpos = ends[:, None] - n + torch.arange(n, device=device)[None, :]  # [g, n]
+    hidden = torch.arange(longest, device=device)[None, None, :] > qpos[:, :, None]
+    return hidden[:, None, None]
 
 
 def _register_rows_attention() -> None:
