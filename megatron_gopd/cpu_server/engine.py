@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from megatron_gopd.rollout.protocol import TOP_K_ALL
 
-__all__ = ["CpuEngine", "GenItem"]
+__all__ = ["CpuEngine", "GenItem", "input_token_logprobs"]
 
 
 @dataclass
@@ -192,10 +192,7 @@ class CpuEngine:
         logits, cache = self._forward(ids)
         for it in items:
             if it.return_logprob:
-                start = it.logprob_start_len if it.logprob_start_len >= 0 else n_prompt - 1
-                lp = F.log_softmax(logits[0, :-1], dim=-1)
-                lp = lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
-                it.input_logprobs = [None, *lp][start:]
+                it.input_logprobs = input_token_logprobs(logits[0], prompt, it.logprob_start_len)
         last = logits[:, -1]
         params = [_normalize(it.params) for it in items]
         # SGLang: sampling_seed counts only in deterministic mode, where None means 42
@@ -415,6 +412,29 @@ class CpuEngine:
         """One prefill step, skipped while requests run (they prove the model works)."""
         if not self.busy:
             self._forward(torch.tensor([[0]]))
+
+
+def input_token_logprobs(
+    logits_SV: torch.Tensor, ids: list[int], logprob_start_len: int
+) -> list[float | None]:
+    """SGLang 0.5.23's ``input_token_logprobs`` values of a prompt ``ids`` (``logits_SV``: the
+    model's fp32 logits at every prompt position), never tempered.
+
+    With ``L = logprob_start_len`` SGLang computes the log-probs predicted from positions ``L``
+    onward and reports one entry per token ``ids[L:]``: ``[None] + computed[:-1]``
+    (``scheduler_components/logprob_result_processor.py``, ``_process_input_token_logprobs``:
+    "add None at start, remove last (sampling token)"), so entry 0 is always None and entry
+    ``j >= 1`` is ``log p(ids[L + j] | ids[:L + j])``. ``L == -1`` with ``return_logprob`` becomes
+    ``len(ids)`` (the scheduler): no entries. To score ``ids[P:]`` a client sends ``L = P - 1``
+    and drops entry 0. ``L > len(ids)`` is refused before this is called.
+    """
+    n = len(ids)
+    start = n if logprob_start_len < 0 else logprob_start_len
+    if start >= n:
+        return []
+    lp = F.log_softmax(logits_SV[start : n - 1].float(), dim=-1)
+    nxt = torch.tensor(ids[start + 1 :], dtype=torch.long)
+    return [None, *lp.gather(1, nxt[:, None]).squeeze(1).tolist()]
 
 
 # SGLang 0.5.23 models with a ``get_weights_by_name`` (srt/models/*.py), by HF architecture

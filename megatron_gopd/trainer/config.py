@@ -6,7 +6,8 @@ Every setting is defined once, as a field of the config of the component that us
 
     ParallelConfig     megatron_gopd.parallel              --tensor-model-parallel-size, ...
     ModelsConfig       here                                --student-load, --bf16, ...
-    Routing            megatron_gopd.trainer.routing       --teacher-load, --ref-load, --gopd-lambda
+    Routing            megatron_gopd.trainer.routing       --teacher-load/-urls, --ref-load/-urls, ...
+    ServedConfig       megatron_gopd.trainer.served        --served-* (served teachers/references)
     GOPDLossConfig     megatron_gopd.gopd.config           --gopd-estimator, --fdiv-*, ...
     OptimConfig        megatron_gopd.trainer.update        --lr, --adam-beta2, ...
     DataConfig         megatron_gopd.trainer.data          --prompt-data, --max-prompt-len, ...
@@ -52,6 +53,7 @@ from megatron_gopd.trainer.checkpointing import CheckpointConfig
 from megatron_gopd.trainer.data import DEFAULT_DOMAIN, DataConfig
 from megatron_gopd.trainer.rollout_side import RolloutConfig
 from megatron_gopd.trainer.routing import Routing
+from megatron_gopd.trainer.served import ServedConfig
 from megatron_gopd.trainer.tracking import LogConfig
 from megatron_gopd.trainer.update import OptimConfig
 from megatron_gopd.utils import GopdError, read_text_file
@@ -136,6 +138,7 @@ class TrainConfig:
     parallel: ParallelConfig
     models: ModelsConfig
     routing: Routing
+    served: ServedConfig
     loss: GOPDLossConfig
     data: DataConfig
     rollout: RolloutConfig
@@ -179,6 +182,7 @@ _SECTIONS = (
 _COMPONENTS = (
     ModelsConfig,
     Routing,
+    ServedConfig,
     ParallelConfig,
     OptimConfig,
     TrainConfig,
@@ -301,6 +305,41 @@ def _temperature(name: str, value: float | None, rollout_temperature: float) -> 
     return value
 
 
+def _check_served(routing: Routing, models: ModelsConfig, loss: GOPDLossConfig) -> None:
+    """What a role served by SGLang cannot do, refused before anything starts.
+
+    SGLang's prompt log-probs (``input_token_logprobs``, what prefill scoring returns) are
+    ``log_softmax`` of the raw logits whatever the request's sampling temperature (0.5.23
+    ``srt/layers/logprob_processor.py``, ``InputLogprobProcessor``: no division by the
+    temperature; in 0.5.4 the tempered branch of ``LogitsProcessor`` is dead code): a served role
+    scores at temperature 1 only. The full-vocabulary and top-k estimators need the role's
+    logits next to the student's in every micro-batch, which an HTTP server does not hand out.
+    """
+    served = []
+    if routing.teacher_urls:
+        served.append(("teacher", "--teacher-urls", "--teacher-temperature"))
+    if routing.reference_urls and any(lam != 1.0 for lam in routing.lambdas.values()):
+        served.append(("reference", "--ref-urls", "--ref-temperature"))
+    for role, urls_flag, temp_flag in served:
+        temp = models.teacher_temperature if role == "teacher" else models.ref_temperature
+        if temp != 1.0:
+            raise GopdError(
+                f"{urls_flag}: a {role} served by SGLang scores at temperature 1 only (its prompt "
+                f"log-probs are log_softmax of the raw logits, whatever the request's "
+                f"temperature), but the {role}'s temperature is {temp:g} ({temp_flag}, default "
+                f"--rollout-temperature): pass {temp_flag} 1, or host the {role} in Megatron "
+                f"({'--teacher-load' if role == 'teacher' else '--ref-load'})"
+            )
+        if loss.estimator != "sampled":
+            raise GopdError(
+                f"{urls_flag}: --gopd-estimator {loss.estimator} needs the {role}'s whole "
+                f"next-token distribution (its logits next to the student's in every "
+                f"micro-batch), which a served {role} does not return (SGLang hands back the "
+                f"log-probs of given tokens, or of a few top tokens); use --gopd-estimator "
+                f"sampled, or host the {role} in Megatron"
+            )
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Namespace -> TrainConfig, with every check that needs no file, model or server."""
     models = _from_args(ModelsConfig, args)
@@ -311,8 +350,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     data = _from_args(DataConfig, args)
     if not data.prompt_data:
         raise GopdError("--prompt-data is required")
-    refs = routing.references or {DEFAULT_DOMAIN: models.student_load}
-    if DEFAULT_DOMAIN not in refs and len(routing.teachers) > len(refs):
+    refs = dict(routing.references)
+    if not refs and not routing.reference_urls:
+        refs = {DEFAULT_DOMAIN: models.student_load}
+    n_teachers = len(routing.teachers) + len(routing.teacher_urls)
+    if (
+        DEFAULT_DOMAIN not in refs
+        and DEFAULT_DOMAIN not in routing.reference_urls
+        and n_teachers > len(refs) + len(routing.reference_urls)
+    ):
         # per-domain references given for some domains only: the rest use the student's init
         refs = {DEFAULT_DOMAIN: models.student_load, **refs}
     lambdas = routing.lambdas or {DEFAULT_DOMAIN: 1.0}
@@ -341,12 +387,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             f"would be empty and the run would train on nothing)"
         )
     loss = _from_args(GOPDLossConfig, args)
+    _check_served(routing, models, loss)
     cfg = _from_args(
         TrainConfig,
         args,
         parallel=_from_args(ParallelConfig, args),
         models=models,
         routing=routing,
+        served=_from_args(ServedConfig, args),
         loss=loss,
         data=data,
         rollout=rollout,
