@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # then run below).
 EXPECTED = [
     "python examples/evaluation/demo_report.py --out examples/evaluation/output",
+    "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-reward-correction-moe-hosted.sh",
+    "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-reward-correction-served.sh",
     "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-reward-correction.sh",
     "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-strong-to-weak.sh",
     "slurm/submit.sh --dry-run examples/exopd-qwen3-4b-disaggregated.sh",
