@@ -139,12 +139,14 @@ gopd_defaults() {
     TEACHER_NODES=0
     TEACHER_MODEL=""
     TEACHER_GPUS_PER_SERVER=8
+    TEACHER_SERVERS_PER_NODE=""
     TEACHER_SERVER_ARGS=()
     TEACHER_PORT=31000
     TEACHER_DOMAIN=""
     REF_NODES=0
     REF_MODEL=""
     REF_GPUS_PER_SERVER=8
+    REF_SERVERS_PER_NODE=""
     REF_SERVER_ARGS=()
     REF_PORT=32000
     REF_DOMAIN=""
@@ -244,13 +246,21 @@ gopd_validate() {
     case $ROLLOUT_ENGINE in sglang | cpu) ;;
         *) gopd_die "ROLLOUT_ENGINE=$ROLLOUT_ENGINE: expected sglang or cpu" ;;
     esac
-    local kind n_var g_var m_var
+    local kind n_var g_var m_var s_var
     for kind in TEACHER REF; do
         n_var=${kind}_NODES g_var=${kind}_GPUS_PER_SERVER m_var=${kind}_MODEL
+        s_var=${kind}_SERVERS_PER_NODE
         ((${!n_var})) || continue
         [[ -n ${!m_var} ]] || gopd_die "$n_var=${!n_var}: set $m_var (the HF directory its servers load)"
-        ((${!g_var} >= 1 && GPUS_PER_NODE % ${!g_var} == 0)) || gopd_die \
-            "$g_var=${!g_var} must be >= 1 and divide GPUS_PER_NODE=$GPUS_PER_NODE"
+        ((${!g_var} >= 1)) || gopd_die "$g_var=${!g_var} must be >= 1"
+        if [[ -z ${!s_var} ]]; then
+            ((GPUS_PER_NODE % ${!g_var} == 0)) || gopd_die \
+                "$g_var=${!g_var} must divide GPUS_PER_NODE=$GPUS_PER_NODE"
+            printf -v "$s_var" '%d' $((GPUS_PER_NODE / ${!g_var}))
+        fi
+        if ! gopd_is_uint "${!s_var}" || ((${!s_var} < 1)); then
+            gopd_die "$n_var=${!n_var} needs at least one server per node ($s_var=${!s_var})"
+        fi
     done
     gopd_validate_trainer
     return 0
@@ -354,12 +364,12 @@ gopd_plan() {
     GOPD_TEACHER_URLS=()
     GOPD_REF_URLS=()
     for n in $(gopd_served_nodes teacher); do
-        for ((j = 0; j < GPUS_PER_NODE / TEACHER_GPUS_PER_SERVER; j++)); do
+        for ((j = 0; j < TEACHER_SERVERS_PER_NODE; j++)); do
             GOPD_TEACHER_URLS+=("http://${GOPD_ADDRS[n]}:$(gopd_served_port teacher "$n" "$j")")
         done
     done
     for n in $(gopd_served_nodes ref); do
-        for ((j = 0; j < GPUS_PER_NODE / REF_GPUS_PER_SERVER; j++)); do
+        for ((j = 0; j < REF_SERVERS_PER_NODE; j++)); do
             GOPD_REF_URLS+=("http://${GOPD_ADDRS[n]}:$(gopd_served_port ref "$n" "$j")")
         done
     done
@@ -639,9 +649,9 @@ gopd_node_main() {
     local kind mine=()
     kind=$(gopd_node_kind "$idx")
     if [[ $kind == teacher || $kind == ref ]]; then
-        local server_gpus=$TEACHER_GPUS_PER_SERVER
-        [[ $kind == ref ]] && server_gpus=$REF_GPUS_PER_SERVER
-        for ((j = 0; j < GPUS_PER_NODE / server_gpus; j++)); do
+        local per_node=$TEACHER_SERVERS_PER_NODE
+        [[ $kind == ref ]] && per_node=$REF_SERVERS_PER_NODE
+        for ((j = 0; j < per_node; j++)); do
             port=$(gopd_served_port "$kind" "$idx" "$j")
             served_server_command "$kind" "$idx" "$j" "$port"
             gopd_write_server_auth "$idx" "$j" "$kind"
@@ -927,9 +937,9 @@ gopd_print_plan() {
         disaggregated) printf ', %d rollout node(s) x %d server(s)' "$ROLLOUT_NODES" "$ROLLOUT_SERVERS_PER_NODE" ;;
     esac
     ((TEACHER_NODES)) && printf '; served teacher: %d node(s) x %d server(s) of %d GPU(s)' \
-        "$TEACHER_NODES" $((GPUS_PER_NODE / TEACHER_GPUS_PER_SERVER)) "$TEACHER_GPUS_PER_SERVER"
+        "$TEACHER_NODES" "$TEACHER_SERVERS_PER_NODE" "$TEACHER_GPUS_PER_SERVER"
     ((REF_NODES)) && printf '; served reference: %d node(s) x %d server(s) of %d GPU(s)' \
-        "$REF_NODES" $((GPUS_PER_NODE / REF_GPUS_PER_SERVER)) "$REF_GPUS_PER_SERVER"
+        "$REF_NODES" "$REF_SERVERS_PER_NODE" "$REF_GPUS_PER_SERVER"
     printf '\n'
     if ((GOPD_SIMULATED)); then
         printf '# (not in an allocation: hosts %s..%s and job id 0 stand in for it)\n' \

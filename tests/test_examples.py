@@ -40,6 +40,8 @@ EXPECTED = [
     "python examples/tiny_cpu_prepare.py /tmp/tiny",
     "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-score.sh",
     "python examples/tiny_cpu_prepare.py /tmp/tiny",
+    "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-served-teacher.sh",
+    "python examples/tiny_cpu_prepare.py /tmp/tiny",
     "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-train.sh",
     "python examples/tiny_cpu_prepare.py DIR",
 ]
@@ -103,7 +105,13 @@ def test_tiny_cpu_prepare_as_a_script(tiny):
 
 
 @pytest.mark.parametrize(
-    "recipe", ["tiny-cpu-score.sh", "tiny-cpu-train.sh", "tiny-cpu-disaggregated.sh"]
+    "recipe",
+    [
+        "tiny-cpu-score.sh",
+        "tiny-cpu-train.sh",
+        "tiny-cpu-disaggregated.sh",
+        "tiny-cpu-served-teacher.sh",
+    ],
 )
 def test_tiny_recipes_plan_on_the_prepared_directory(tiny, recipe):
     """The documented submission, as its dry run: the plan runs the entry point on the files
