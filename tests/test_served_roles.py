@@ -314,6 +314,8 @@ def test_served_roles_refusals(world):
         _cfg(world, "--teacher-urls", "http://t:1", "--teacher-temperature", "0.5")
     with pytest.raises(GopdError, match="--gopd-estimator full_vocab needs the teacher's whole"):
         _cfg(world, "--teacher-urls", "http://t:1", "--gopd-estimator", "full_vocab")
+    with pytest.raises(GopdError, match="top_k needs the teacher's log-probs of the student's"):
+        _cfg(world, "--teacher-urls", "http://t:1", "--gopd-estimator", "top_k")
     with pytest.raises(GopdError, match="--ref-urls: a reference served by SGLang"):
         _cfg(
             world,

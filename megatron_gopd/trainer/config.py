@@ -312,8 +312,11 @@ def _check_served(routing: Routing, models: ModelsConfig, loss: GOPDLossConfig) 
     ``log_softmax`` of the raw logits whatever the request's sampling temperature (0.5.23
     ``srt/layers/logprob_processor.py``, ``InputLogprobProcessor``: no division by the
     temperature; in 0.5.4 the tempered branch of ``LogitsProcessor`` is dead code): a served role
-    scores at temperature 1 only. The full-vocabulary and top-k estimators need the role's
-    logits next to the student's in every micro-batch, which an HTTP server does not hand out.
+    scores at temperature 1 only. The full-vocabulary estimator needs the role's logits next to
+    the student's in every micro-batch, which an HTTP server does not hand out; the top-k one its
+    log-probs of the student's top-k tokens at each position, which neither SGLang's
+    ``top_logprobs_num`` (the server's own top tokens) nor ``token_ids_logprob`` (one token list
+    per request) gives.
     """
     served = []
     if routing.teacher_urls:
@@ -330,13 +333,21 @@ def _check_served(routing: Routing, models: ModelsConfig, loss: GOPDLossConfig) 
                 f"--rollout-temperature): pass {temp_flag} 1, or host the {role} in Megatron "
                 f"({'--teacher-load' if role == 'teacher' else '--ref-load'})"
             )
+        if loss.estimator == "full_vocab":
+            raise GopdError(
+                f"{urls_flag}: --gopd-estimator full_vocab needs the {role}'s whole next-token "
+                f"distribution at every position (its logits next to the student's in every "
+                f"micro-batch), which a served {role} does not return (SGLang hands back "
+                f"log-probs of tokens, not logits); use --gopd-estimator sampled, or host the "
+                f"{role} in Megatron"
+            )
         if loss.estimator != "sampled":
             raise GopdError(
-                f"{urls_flag}: --gopd-estimator {loss.estimator} needs the {role}'s whole "
-                f"next-token distribution (its logits next to the student's in every "
-                f"micro-batch), which a served {role} does not return (SGLang hands back the "
-                f"log-probs of given tokens, or of a few top tokens); use --gopd-estimator "
-                f"sampled, or host the {role} in Megatron"
+                f"{urls_flag}: --gopd-estimator {loss.estimator} needs the {role}'s log-probs of "
+                f"the student's top-k tokens at every position, chosen in the update's own "
+                f"forward pass; SGLang returns its own top tokens (top_logprobs_num) or one "
+                f"token list per request (token_ids_logprob), not the student's per position; "
+                f"use --gopd-estimator sampled, or host the {role} in Megatron"
             )
 
 
