@@ -48,31 +48,27 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from megatron_gopd.rollout.protocol import TOP_K_ALL
+from megatron_gopd.cpu_server.batch import (
+    ABORT,
+    ROWS_ATTENTION,
+    GenItem,
+    KVPool,
+    Request,
+    Row,
+    StepRows,
+    batch_invariant_linears,
+    hidden_positions,
+    register_rows_attention,
+    rows_forward,
+    rowwise_linear,
+)
 
 __all__ = ["CpuEngine", "GenItem", "input_token_logprobs"]
-
-
-@dataclass
-class GenItem:
-    """One sample to generate (SGLang expands a batch with n samples into such items)."""
-
-    rid: str
-    input_ids: list[int]
-    params: dict[str, Any]
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    # filled by generation
-    output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    input_logprobs: list[float | None] | None = None
-    finish: dict[str, Any] | None = None
 
 
 class CpuEngine:
@@ -95,17 +91,17 @@ class CpuEngine:
         config = AutoConfig.from_pretrained(model_path)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.device = torch.device(device)
-        _register_rows_attention()
+        register_rows_attention()
         self.model = (
             AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=torch_dtype, attn_implementation=_ROWS_ATTENTION
+                model_path, dtype=torch_dtype, attn_implementation=ROWS_ATTENTION
             )
             .eval()
             .to(self.device)
         )
         self.model.requires_grad_(False)
         if deterministic:
-            _batch_invariant_linears(self.model)
+            batch_invariant_linears(self.model)
         if enable_fp32_lm_head:
             _fp32_lm_head(self.model.get_output_embeddings(), batch_invariant=deterministic)
         self.config = config
@@ -126,9 +122,9 @@ class CpuEngine:
         self.max_running_requests = max(1, int(max_running_requests))
         self.max_prefill_tokens = max(1, int(max_prefill_tokens))
         self._cond = threading.Condition()
-        self._pending: deque[_Row] = deque()
+        self._pending: deque[Row] = deque()
         self._scheduler: threading.Thread | None = None
-        self._pool = _KVPool()  # the scheduler's
+        self._pool = KVPool()  # the scheduler's
         self._state_lock = threading.Lock()
         self._running = 0
         self._inflight: set[str] = set()
@@ -183,11 +179,11 @@ class CpuEngine:
         with self._state_lock:
             self._running += 1
             epoch = self._abort_epoch
-        req = _Request(len(items))
+        req = Request(len(items))
         try:
             if items:
                 with self._cond:
-                    self._pending.extend(_Row(it, req, epoch) for it in items)
+                    self._pending.extend(Row(it, req, epoch) for it in items)
                     self._start_scheduler()
                     self._cond.notify()
                 req.done.wait()
@@ -218,14 +214,14 @@ class CpuEngine:
         """The scheduler loop: admit waiting rows (up to ``max_running_requests`` rows and
         ``max_prefill_tokens`` prompt tokens per step), run one forward over the prompts of the
         admitted rows and the last token of every running row, sample, retire finished rows."""
-        active: list[_Row] = []
+        active: list[Row] = []
         while True:
             with self._cond:
                 if not self._pending and not active:
                     # idle: the thread ends (a new one starts with the next request), so that
                     # no thread of ours is left inside torch when the interpreter exits
                     self._scheduler = None
-                    self._pool = _KVPool()  # and the caches' memory goes back
+                    self._pool = KVPool()  # and the caches' memory goes back
                     return
                 admitted, budget = [], self.max_prefill_tokens
                 while self._pending and len(active) + len(admitted) < self.max_running_requests:
@@ -242,13 +238,13 @@ class CpuEngine:
                 active = []
 
     @torch.no_grad()
-    def _step(self, active: list[_Row], admitted: list[_Row]) -> list[_Row]:
+    def _step(self, active: list[Row], admitted: list[Row]) -> list[Row]:
         for row in admitted:
             row.slot = self._pool.take()
         rows = []
         for row in active + admitted:
             if self._is_aborted(row.item.rid, row.epoch):
-                self._finish(row, _ABORT)
+                self._finish(row, ABORT)
             else:
                 rows.append(row)
         if not rows:
@@ -262,7 +258,7 @@ class CpuEngine:
                 if it.return_logprob:
                     it.input_logprobs = input_token_logprobs(lg, it.input_ids, it.logprob_start_len)
             if self._is_aborted(it.rid, row.epoch):
-                self._finish(row, _ABORT)
+                self._finish(row, ABORT)
             elif row.at_length(self.context_length):
                 self._finish(row, {"type": "length", "length": len(it.output_ids)})
             else:
@@ -287,17 +283,17 @@ class CpuEngine:
                 still.append(row)
         return still
 
-    def _finish(self, row: _Row, finish: dict[str, Any]) -> None:
+    def _finish(self, row: Row, finish: dict[str, Any]) -> None:
         row.item.finish = dict(finish)
         if row.slot is not None:
             self._pool.give(row.slot)
             row.slot = None
         row.req.one_done()
 
-    def _forward_rows(self, rows: list[_Row], pool: _KVPool) -> list[torch.Tensor]:
+    def _forward_rows(self, rows: list[Row], pool: KVPool) -> list[torch.Tensor]:
         """One forward over every row's ``feed`` tokens, packed into one sequence (no padding):
         linear layers see all tokens at once, attention runs over each row's own cache in
-        ``pool``, rows of equal shape together (:func:`_rows_attention`). Returns per row the
+        ``pool``, rows of equal shape together (:func:`rows_attention`). Returns per row the
         fp32 logits (on the host) of its last token, or of all its fed tokens while a prompt
         whose log-probs were asked for is prefilled."""
         ids, pos, tok_slot, keep, spans = [], [], [], [], []
@@ -322,7 +318,7 @@ class CpuEngine:
             keep += range(off, off + n) if whole else [off + n - 1]
             off += n
         dev = self.device
-        ctx = _StepRows(
+        ctx = StepRows(
             pool=pool,
             slots=pool.n_slots,
             length=max(max(tot) for _, _, tot in shapes.values()),
@@ -334,28 +330,24 @@ class CpuEngine:
                     max(tot),
                     torch.tensor(t, device=dev),
                     torch.tensor(sl, device=dev),
-                    _hidden(n, tot, dev),
+                    hidden_positions(n, tot, dev),
                 )
                 for (n, _), (t, sl, tot) in shapes.items()
             ],
         )
-        with self.model_lock:
-            _ROWS.ctx = ctx
-            try:
-                out = self.model(
-                    input_ids=torch.tensor([ids], device=dev),
-                    position_ids=torch.tensor([pos], device=dev),
-                    use_cache=False,
-                    logits_to_keep=torch.tensor(keep, device=dev),
-                )
-            finally:
-                _ROWS.ctx = None
+        with self.model_lock, rows_forward(ctx):
+            out = self.model(
+                input_ids=torch.tensor([ids], device=dev),
+                position_ids=torch.tensor([pos], device=dev),
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep, device=dev),
+            )
         for row in rows:
             row.length += len(row.feed)
         logits = out.logits[0].float().cpu()
         return [logits[a : a + n] for a, n in spans]
 
-    def _sample_rows(self, logits: torch.Tensor, rows: list[_Row]) -> list[tuple[int, float]]:
+    def _sample_rows(self, logits: torch.Tensor, rows: list[Row]) -> list[tuple[int, float]]:
         """Next token and its reported log-prob for each row from its last logits ``[R, V]``:
         rows with the same sampling parameters together; a row with a generator of its own
         (deterministic mode) draws from it."""
@@ -547,190 +539,11 @@ class CpuEngine:
     def health_generate(self) -> None:
         """One prefill step, skipped while requests run (they prove the model works)."""
         if not self.busy:
-            pool = _KVPool()
-            row = _Row(GenItem("health", [0], {}), _Request(1), 0)
+            pool = KVPool()
+            row = Row(GenItem("health", [0], {}), Request(1), 0)
             row.slot = pool.take()
             with torch.no_grad():
                 self._forward_rows([row], pool)
-
-
-_ABORT = {"type": "abort", "message": "Abort request", "status_code": None, "err_type": None}
-
-
-class _Request:
-    """One ``generate`` call waiting for its rows."""
-
-    def __init__(self, n_rows: int):
-        self.left = n_rows
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        if n_rows == 0:
-            self.done.set()
-
-    def one_done(self) -> None:
-        self.left -= 1
-        if self.left == 0:
-            self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-
-
-class _KVPool:
-    """The keys and values of every running row: per layer one ``[slots, kv_heads, capacity,
-    head_dim]`` tensor each, row ``r`` in slot ``r.slot`` with its first ``r.length`` positions
-    valid. A row reads its own slot only (no neighbours, no padding in what it attends to), so
-    its attention does not depend on what else runs. Grown by doubling as slots and lengths are
-    needed; made on the first layer's call (shapes and dtype from its keys)."""
-
-    def __init__(self):
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-        self.n_slots = 0
-        self._free: list[int] = []
-
-    def take(self) -> int:
-        if self._free:
-            return self._free.pop()
-        self.n_slots += 1
-        return self.n_slots - 1
-
-    def give(self, slot: int) -> None:
-        self._free.append(slot)
-
-    def layer(self, layer: int, like: torch.Tensor, slots: int, length: int):
-        """Layer ``layer``'s (keys, values), with room for ``slots`` slots of ``length``."""
-        k = self.k.get(layer)
-        if k is None or k.shape[0] < slots or k.shape[2] < length:
-            old_s, old_l = (0, 0) if k is None else (k.shape[0], k.shape[2])
-            s, n = max(slots, 2 * old_s), max(length, 2 * old_l, 16)
-            heads, dim = like.shape[1], like.shape[3]
-            for store in (self.k, self.v):
-                new = like.new_zeros((s, heads, n, dim))
-                if store.get(layer) is not None:
-                    new[:old_s, :, :old_l] = store[layer]
-                store[layer] = new
-        return self.k[layer], self.v[layer]
-
-
-@dataclass
-class _StepRows:
-    """What one forward's attention needs: the pool, its required size, each packed token's
-    slot and position, and the rows grouped as ``(n_new, longest total, token indices in the
-    packed sequence, slots, the positions hidden from each query or None)``."""
-
-    pool: _KVPool
-    slots: int
-    length: int
-    tok_slot: torch.Tensor
-    tok_pos: torch.Tensor
-    groups: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
-
-
-class _Row:
-    """One sample in the scheduler's batch."""
-
-    def __init__(self, item: GenItem, req: _Request, epoch: int):
-        self.item, self.req, self.epoch = item, req, epoch
-        self.params = _normalize(item.params)
-        self.n_prompt = len(item.input_ids)
-        self.feed: list[int] = list(item.input_ids)
-        self.prefilled = False
-        self.slot: int | None = None
-        self.length = 0  # tokens in its cache
-        self._gen: torch.Generator | None = None
-
-    def at_length(self, context_length: int) -> bool:
-        k = len(self.item.output_ids)
-        return k >= self.params["max_new_tokens"] or self.n_prompt + k >= context_length
-
-    def generator(self, deterministic: bool) -> torch.Generator | None:
-        """SGLang: ``sampling_seed`` counts only in deterministic mode, where None means 42;
-        such a row draws from a generator of its own, whatever else runs."""
-        if not deterministic:
-            return None
-        if self._gen is None:
-            seed = self.params["sampling_seed"]
-            self._gen = torch.Generator().manual_seed((42 if seed is None else seed) % 2**63)
-        return self._gen
-
-
-# the rows of the forward being run by this thread (a _StepRows)
-_ROWS = threading.local()
-_ROWS_ATTENTION = "gopd_rows"
-
-
-def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """HF attention over a packed batch ``[1, heads, tokens, head_dim]`` whose rows are
-    described by ``_ROWS.ctx``: the new keys/values go to each row's slot of the pool, and each
-    row's queries attend causally to its own slot (eager attention's maths: scaled scores, fp32
-    softmax, weighted values; grouped-query heads share their key/value head as ``repeat_kv``
-    does). With deterministic inference, only rows of equal shape run as one batched product,
-    whose per-row results do not depend on how many rows it holds: a row's numbers are the same
-    alone or in any batch. Otherwise rows with as many new tokens run together, each masked to
-    its own length (fewer, larger products; the bits then depend on the company, as SGLang's
-    default kernels' do)."""
-    ctx: _StepRows = _ROWS.ctx
-    keys, values = ctx.pool.layer(module.layer_idx, key, ctx.slots, ctx.length)
-    keys[ctx.tok_slot, :, ctx.tok_pos] = key[0].transpose(0, 1)
-    values[ctx.tok_slot, :, ctx.tok_pos] = value[0].transpose(0, 1)
-    n_q, n_tok, d = query.shape[1], query.shape[2], query.shape[3]
-    n_kv = key.shape[1]
-    groups = n_q // n_kv
-    out = query.new_empty(n_tok, n_q, d)
-    q_all = query[0]
-    for n, total, toks, slots, hidden in ctx.groups:
-        g = slots.numel()
-        q = q_all[:, toks].view(n_kv, groups, g, n, d).permute(2, 0, 1, 3, 4)
-        q = q.reshape(g, n_kv, groups * n, d)
-        k, v = keys[slots, :, :total], values[slots, :, :total]  # [g, n_kv, total, d]
-        w = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)  # [g, n_kv, groups * n, total]
-        if hidden is not None:
-            w = w.view(g, n_kv, groups, n, total).masked_fill(hidden, torch.finfo(w.dtype).min)
-            w = w.view(g, n_kv, groups * n, total)
-        w = F.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
-        o = torch.matmul(w, v).view(g, n_kv, groups, n, d).permute(0, 3, 1, 2, 4)
-        out[toks] = o.reshape(g * n, n_q, d)
-    return out.unsqueeze(0), None
-
-
-def _hidden(n: int, totals: list[int], device) -> torch.Tensor | None:
-    """The positions each query of a group must not see, ``[g, 1, 1, n, longest]`` (None: none):
-    row r's query j sits at position ``totals[r] - n + j`` and sees the positions up to it."""
-    longest = max(totals)
-    if n == 1 and min(totals) == longest:
-        return None
-    ends = torch.tensor(totals, device=device)
-    qpos = ends[:, None] - n + torch.arange(n, device=device)[None, :]  # [g, n]
-    hidden = torch.arange(longest, device=device)[None, None, :] > qpos[:, :, None]
-    return hidden[:, None, None]
-
-
-def _register_rows_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_ROWS_ATTENTION, _rows_attention)
-
-
-def _rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """``x @ weight^T (+ bias)`` one row at a time (a batched ``[1, in] x [in, out]`` product):
-    each row's result is independent of how many rows come with it. A plain ``F.linear``
-    is not: its GEMM blocks the rows, and a row's bits change with the batch (measured here:
-    up to 1e-5 on 64-4096 wide layers) -- the CPU twin of SGLang's batch-invariant kernels."""
-    shape = x.shape
-    x3 = x.reshape(-1, 1, shape[-1])
-    y = torch.bmm(x3, weight.t().unsqueeze(0).expand(x3.shape[0], -1, -1))
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*shape[:-1], weight.shape[0])
-
-
-def _batch_invariant_linears(model: torch.nn.Module) -> None:
-    """Every ``nn.Linear`` of ``model`` computes row by row (``--enable-deterministic-inference``)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.forward = lambda x, m=m: _rowwise_linear(x, m.weight, m.bias)
 
 
 def input_token_logprobs(
@@ -777,32 +590,12 @@ def _fp32_lm_head(head: torch.nn.Module, batch_invariant: bool = False) -> None:
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if batch_invariant:
-            out = _rowwise_linear(hidden.float(), head.weight.float())
+            out = rowwise_linear(hidden.float(), head.weight.float())
         else:
             out = fp32_logits(hidden, head.weight)
         return out if head.bias is None else out + head.bias.float()
 
     head.forward = forward
-
-
-def _normalize(sp: dict[str, Any]) -> dict[str, Any]:
-    """SGLang's SamplingParams defaults and special cases (temperature 0 -> top_k 1)."""
-    t = sp.get("temperature")
-    t = 1.0 if t is None else float(t)
-    top_k = sp.get("top_k")
-    top_k = TOP_K_ALL if top_k in (None, -1) else int(top_k)
-    if 0 <= t < 1e-6:
-        t, top_k = 1.0, 1
-    mnt = sp.get("max_new_tokens")
-    return {
-        "temperature": t,
-        "top_p": 1.0 if sp.get("top_p") is None else float(sp["top_p"]),
-        "top_k": top_k,
-        "max_new_tokens": 128 if mnt is None else int(mnt),
-        "stop_token_ids": set(sp.get("stop_token_ids") or ()),
-        "ignore_eos": bool(sp.get("ignore_eos") or False),
-        "sampling_seed": sp.get("sampling_seed"),
-    }
 
 
 def _eos_ids(model_path: str, config) -> set[int]:

@@ -53,6 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from megatron_gopd.cpu_server.replies import Reply, invalid, require, typed, value_error
+from megatron_gopd.cpu_server.weights import WeightEndpoints
 from megatron_gopd.rollout.protocol import (
     ADMIN_PATHS,
     SGLANG_SCHEMA_VERSION,
@@ -114,48 +116,7 @@ class ServerOptions:
         return SGLangFeatures(self.emulate_version)
 
 
-class _Reply(Exception):
-    def __init__(self, status: int, body: Any = None, text: str | None = None):
-        self.status, self.body, self.text = status, body, text
-
-
-def _value_error(msg: str) -> _Reply:
-    return _Reply(400, error_body("value", msg))
-
-
-def _invalid(msg: str) -> _Reply:
-    return _Reply(400, error_body("validation", msg))
-
-
-def _require(body: Any, *keys: str) -> dict:
-    if not isinstance(body, dict):
-        raise _invalid("Input should be a valid dictionary")
-    for k in keys:
-        if k not in body:
-            raise _invalid(f"{k}: Field required")
-    return body
-
-
-def _typed(body: dict, key: str, kind: type | tuple, default: Any = None) -> Any:
-    """``body[key]`` if it has the type FastAPI would accept, else a 400 (not a 500)."""
-    v = body.get(key, default)
-    if v is None:
-        return v
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(v, bool) and bool not in kinds:
-        raise _invalid(f"{key}: Input should be a valid {kinds[0].__name__}")
-    if not isinstance(v, kinds):
-        raise _invalid(f"{key}: Input should be a valid {kinds[0].__name__}")
-    return v
-
-
-def _fail(message: str) -> _Reply:
-    return _Reply(400, {"success": False, "message": message})
-
-
-class CpuServer:
+class CpuServer(WeightEndpoints):
     """Routes SGLang's endpoints to a :class:`~megatron_gopd.cpu_server.engine.CpuEngine`."""
 
     def __init__(self, engine, options: ServerOptions | None = None):
@@ -230,13 +191,13 @@ class CpuServer:
     # ------------------------------------------------------------------ health / info
 
     def health(self, body, query):
-        raise _Reply(200, text="")
+        raise Reply(200, text="")
 
     def health_generate(self, body, query):
         if self._memory_gone():
-            raise _Reply(503, text="")
+            raise Reply(503, text="")
         self.engine.health_generate()
-        raise _Reply(200, text="")
+        raise Reply(200, text="")
 
     def model_info(self, body, query):
         cfg = self.engine.config
@@ -294,29 +255,29 @@ class CpuServer:
         try:
             check_generate(body)
         except ValidationError as e:
-            raise _invalid(str(e)) from None
+            raise invalid(str(e)) from None
         except ContractError as e:
-            raise _Reply(400, error_body("contract", str(e))) from None
+            raise Reply(400, error_body("contract", str(e))) from None
         except ValueError as e:
-            raise _value_error(str(e)) from None
+            raise value_error(str(e)) from None
         if body.get("input_ids") is None:
-            raise _value_error("the CPU server needs input_ids (it runs as --skip-tokenizer-init)")
+            raise value_error("the CPU server needs input_ids (it runs as --skip-tokenizer-init)")
         if body.get("stream"):
-            raise _value_error("stream=true is not supported by megatron_gopd's CPU server")
+            raise value_error("stream=true is not supported by megatron_gopd's CPU server")
         ids = body["input_ids"]
         single = isinstance(ids[0], int)
         prompts = [ids] if single else ids
         sp = body.get("sampling_params") or {}
         sps = sp if isinstance(sp, list) else [sp] * len(prompts)
         if len(sps) != len(prompts):
-            raise _value_error(
+            raise value_error(
                 f"sampling_params has {len(sps)} entries for a batch of {len(prompts)}"
             )
         for one in sps:
             for k, neutral in _UNSUPPORTED_NEUTRAL.items():
                 v = one.get(k)
                 if v is not None and v != neutral and v not in ({}, [], ""):
-                    raise _value_error(f"sampling_params.{k} is not supported by the CPU server")
+                    raise value_error(f"sampling_params.{k} is not supported by the CPU server")
         n = int(sps[0].get("n", 1) or 1)
         rlp = _per_item(body.get("return_logprob"), len(prompts), False)
         lsl = _per_item(body.get("logprob_start_len"), len(prompts), -1)
@@ -324,14 +285,14 @@ class CpuServer:
         total = 0
         for p, one in zip(prompts, sps):
             if len(p) >= eng.context_length:
-                raise _value_error(
+                raise value_error(
                     f"The input ({len(p)} tokens) is longer than the model's context length "
                     f"({eng.context_length} tokens)."
                 )
             mnt = one.get("max_new_tokens")
             mnt = 128 if mnt is None else int(mnt)
             if len(p) + mnt > eng.context_length:
-                raise _value_error(
+                raise value_error(
                     "Requested token count exceeds the model's maximum context length of "
                     f"{eng.context_length} tokens. You requested a total of {len(p) + mnt} "
                     f"tokens: {len(p)} tokens from the input messages and {mnt} tokens for the "
@@ -342,33 +303,33 @@ class CpuServer:
         for p, start in zip(prompts, lsl):
             if isinstance(start, int) and start > len(p):
                 # SGLang's scheduler aborts the request with this message
-                raise _value_error(
+                raise value_error(
                     f"req.logprob_start_len={start} is higher than the number of input tokens "
                     f"len(req.origin_input_ids)={len(p)}. Please use a smaller logprob_start_len."
                 )
             bad = [t for t in p if not 0 <= t < eng.vocab_size]
             if bad:
-                raise _value_error(
+                raise value_error(
                     f"The input_ids {bad[:4]} contain values outside the vocabulary "
                     f"[0, {eng.vocab_size})."
                 )
         # bounded work per request, checked before anything is allocated for it
         samples = n * len(prompts)
         if samples > self.opts.max_request_samples:
-            raise _value_error(
+            raise value_error(
                 f"The request asks for {samples} samples ({len(prompts)} prompt(s) x n={n}); this "
                 f"server runs at most {self.opts.max_request_samples} per request "
                 "(--max-request-samples): split it."
             )
         if total > self.opts.max_total_tokens:
-            raise _value_error(
+            raise value_error(
                 f"The request needs up to {total} tokens (samples x (prompt + max_new_tokens)); "
                 f"this server takes at most {self.opts.max_total_tokens} per request "
                 "(--max-total-tokens): split it."
             )
         why = self._memory_gone()
         if why:
-            raise _value_error(why)
+            raise value_error(why)
         rids = _item_rids(body.get("rid"), len(prompts), n, single)
         items = [
             GenItem(
@@ -384,7 +345,7 @@ class CpuServer:
         try:
             eng.register([it.rid for it in items])
         except ValueError as e:
-            raise _value_error(str(e)) from None
+            raise value_error(str(e)) from None
         t0 = time.time()
         eng.generate(items)
         outs = [self._item_json(it, time.time() - t0) for it in items]
@@ -414,254 +375,28 @@ class CpuServer:
         try:
             timeout = float(query.get("timeout", ["0"])[0])
         except ValueError:
-            raise _invalid("timeout: Input should be a valid number") from None
+            raise invalid("timeout: Input should be a valid number") from None
         if not timeout >= 0:
-            raise _invalid("timeout: Input should be greater than or equal to 0")
+            raise invalid("timeout: Input should be greater than or equal to 0")
         deadline = time.time() + timeout
         while self.engine.busy and time.time() < deadline:
             time.sleep(0.01)
         if self.engine.busy:
-            raise _Reply(400, text="Flush cache failed: there are running or waiting requests.\n")
-        raise _Reply(
+            raise Reply(400, text="Flush cache failed: there are running or waiting requests.\n")
+        raise Reply(
             200,
             text="Cache flushed.\nPlease check backend logs for more details. (When there are "
             "running or waiting requests, the operation will not be performed.)\n",
         )
 
     def abort_request(self, body, query):
-        body = _require(body)
-        rid = _typed(body, "rid", str)
-        abort_all = _typed(body, "abort_all", bool, False)
+        body = require(body)
+        rid = typed(body, "rid", str)
+        abort_all = typed(body, "abort_all", bool, False)
         self.engine.abort(rid, abort_all)
-        raise _Reply(200, text="")
+        raise Reply(200, text="")
 
     # ------------------------------------------------------------------ weights
-
-    def _check_session(self, what: str) -> None:
-        if self.features.weight_update_session and not self._session_open:
-            raise _fail(f"{what} must run between begin_weight_update() and end_weight_update()")
-
-    def _weights_result(self, fn, body) -> dict[str, Any]:
-        if _typed(body, "abort_all_requests", bool, False):
-            self.engine.abort(None, True)
-        try:
-            n = fn()
-        except _Reply:
-            raise
-        except Exception as e:
-            log.warning("weight update failed: %s", e)
-            raise _fail(f"Failed to update weights: {e}.") from None
-        version = body.get("weight_version")
-        if version is not None:
-            self.engine.weight_version = str(version)
-        if _typed(body, "flush_cache", bool, True) and self.engine.busy:
-            raise _fail(
-                "Weights were updated, but the cache was not flushed because requests are still "
-                "running or queued. Retract or finish them, then call /flush_cache."
-            )
-        msg = f"Succeeded to update {n} parameter(s)."
-        if version is not None:
-            msg += f" Weight version updated to {version}."
-        return {"success": True, "message": msg}
-
-    def begin_weight_update(self, body, query):
-        with self._admin_lock:
-            if self._session_open:
-                raise _fail(
-                    "a weight-update session is already open; call end_weight_update() first"
-                )
-            self._session_open = True
-        return {"success": True, "message": "Success"}
-
-    def end_weight_update(self, body, query):
-        with self._admin_lock:
-            if not self._session_open:
-                raise _fail("no weight-update session is open; call begin_weight_update() first")
-            self._session_open = False
-        return {"success": True, "message": "Success"}
-
-    def update_weights_from_tensor(self, body, query):
-        from megatron_gopd.sync.wire import deserialize_named_tensors
-
-        body = _require(body, "serialized_named_tensors")
-        payloads = body["serialized_named_tensors"]
-        if not isinstance(payloads, list) or not all(isinstance(x, str) for x in payloads):
-            raise _invalid("serialized_named_tensors: Input should be a valid list of strings")
-        load_format = _typed(body, "load_format", str)
-        self._check_session("update_weights_from_tensor")
-        if len(payloads) < self.opts.tp_size:
-            raise _fail(
-                f"Failed to update weights: list index out of range ({len(payloads)} "
-                f"serialized_named_tensors for tp_size {self.opts.tp_size})."
-            )
-
-        def load():
-            # each TP rank deserializes its own entry (SGLang: deserialize_own_rank); a CUDA IPC
-            # handle (here its CPU stand-in) opens only on its own node and GPU
-            sources: list[str] = []
-            per_rank = [
-                deserialize_named_tensors(
-                    payloads[t],
-                    load_format,
-                    device=self._device_uuid(t),
-                    tp_rank=t,
-                    sources=sources,
-                )
-                for t in range(self.opts.tp_size)
-            ]
-            self.last_tensor_sources = sources
-            return self.engine.load_weights(per_rank[0])
-
-        return self._weights_result(load, body)
-
-    def _device_uuid(self, tp_rank: int) -> str:
-        from megatron_gopd.sync.wire import cpu_device_uuid
-
-        return cpu_device_uuid(self.opts.base_gpu_id + tp_rank)
-
-    def init_weights_update_group(self, body, query):
-        body = _require(body, "master_address", "master_port", "rank_offset", "world_size")
-        address = _typed(body, "master_address", str)
-        port = _typed(body, "master_port", int)
-        offset = _typed(body, "rank_offset", int)
-        world = _typed(body, "world_size", int)
-        name = _typed(body, "group_name", str, "weight_update_group")
-        backend = _typed(body, "backend", str, "nccl")
-        if self.opts.tp_size != 1:
-            raise _fail("the CPU server joins weight-update groups with tp_size 1 only")
-        try:
-            self.engine.init_group(
-                address, port, offset, world, name, backend, timeout_s=self.opts.dist_timeout_s
-            )
-        except Exception as e:
-            raise _fail(f"Failed to initialize custom process group: {e}.") from None
-        return {"success": True, "message": "Succeeded to initialize custom process group."}
-
-    def destroy_weights_update_group(self, body, query):
-        body = _require(body)
-        if self.engine.destroy_group(_typed(body, "group_name", str, "weight_update_group")):
-            return {"success": True, "message": "Succeeded to destroy custom process group."}
-        raise _fail("The group to be destroyed does not exist.")
-
-    def update_weights_from_distributed(self, body, query):
-        body = _require(body, "names", "dtypes", "shapes")
-        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
-        if not all(isinstance(x, list) for x in (names, dtypes, shapes)) or not (
-            len(names) == len(dtypes) == len(shapes)
-        ):
-            raise _invalid("names, dtypes, shapes: lists of the same length required")
-        self._check_session("update_weights_from_distributed")
-        # before 0.5.6 the field does not exist: the server expects one broadcast per tensor
-        load_format = body.get("load_format") if self.features.flattened_distributed else None
-
-        def load():
-            named = self.engine.receive_distributed(
-                names,
-                dtypes,
-                shapes,
-                _typed(body, "group_name", str, "weight_update_group"),
-                load_format,
-            )
-            return self.engine.load_weights(named)
-
-        return self._weights_result(load, body)
-
-    def update_weights_from_disk(self, body, query):
-        body = _require(body, "model_path")
-        path = _typed(body, "model_path", str)
-        out = self._weights_result(lambda: self.engine.load_from_disk(path), body)
-        return {**out, "num_paused_requests": 0}
-
-    def update_weight_version(self, body, query):
-        body = _require(body, "new_version")
-        self.engine.weight_version = str(body["new_version"])
-        return {
-            "success": True,
-            "message": f"Weight version updated to {body['new_version']}",
-            "new_version": body["new_version"],
-        }
-
-    def get_weights_by_name(self, body, query):
-        body = _require(body, "name")
-        name = _typed(body, "name", str)
-        truncate = _typed(body, "truncate_size", int, 100)
-        out = self.engine.get_weights_by_name(name, truncate)
-        if out is None:
-            raise _value_error("Get parameter by name failed")
-        return out
-
-    def weights_checker(self, body, query):
-        body = body if body is not None else {}
-        body = _require(body)
-        action = _typed(body, "action", str, "checksum")
-        if action != "checksum":
-            raise _fail(f"Unsupported action={action!r} (the CPU server computes checksums only)")
-        import hashlib
-
-        sums = self.engine.checksums()
-        per_gpu = hashlib.sha256(
-            "".join(f"{k}:{v};" for k, v in sorted(sums.items())).encode()
-        ).hexdigest()
-        tp = self.opts.tp_size
-        ranks = [
-            {
-                "checksums": sums,
-                "per_gpu_checksum": per_gpu,
-                "parallelism_info": [
-                    {"role": "target", "tp_rank": t, "tp_size": tp, "rank": t, "size": tp}
-                ],
-            }
-            for t in range(tp)
-        ]
-        engine_sum = hashlib.sha256()
-        for r in ranks:
-            engine_sum.update(r["per_gpu_checksum"].encode())
-        return {
-            "success": True,
-            "message": "Success.",
-            "ranks": ranks,
-            "per_engine_checksum": engine_sum.hexdigest(),
-        }
-
-    # ------------------------------------------------------------------ memory
-
-    def _tags(self, body) -> list[str]:
-        body = body if body is not None else {}
-        tags = _typed(_require(body), "tags", list)
-        if tags and not all(isinstance(t, str) for t in tags):
-            raise _invalid("tags: Input should be a list of strings")
-        return list(tags) if tags else list(self.features.default_memory_tags)
-
-    def release_memory_occupation(self, body, query):
-        tags = self._tags(body)
-        with self._admin_lock:
-            if self.engine.busy:
-                # an assertion in SGLang's scheduler
-                raise _value_error(
-                    "release_memory_occupation should be called only when server is idle."
-                )
-            self.memory_released.update(tags)
-        return None
-
-    def resume_memory_occupation(self, body, query):
-        tags = self._tags(body)
-        with self._admin_lock:
-            missing = [t for t in tags if t not in self.memory_released]
-            if missing:
-                # offload_tags.remove(tag) in SGLang's scheduler
-                raise _value_error(
-                    f"KeyError: {missing[0]!r}: resuming memory that was not released"
-                )
-            self.memory_released.difference_update(tags)
-            if (
-                "weights" in tags
-                and self.opts.enable_memory_saver
-                and not self.opts.enable_weights_cpu_backup
-            ):
-                self.engine.invalidate_weights()
-        return None
-
-    # ------------------------------------------------------------------ serving
 
     def init_process_group(self) -> None:
         """What SGLang's scheduler does before the server is healthy: its own torch.distributed
@@ -703,7 +438,7 @@ class CpuServer:
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding"):
                     self.close_connection = True
-                    raise _invalid("chunked request bodies are not supported: send Content-Length")
+                    raise invalid("chunked request bodies are not supported: send Content-Length")
                 raw = self.headers.get("Content-Length")
                 try:
                     length = int(raw) if raw is not None else 0
@@ -711,10 +446,10 @@ class CpuServer:
                         raise ValueError
                 except ValueError:
                     self.close_connection = True
-                    raise _invalid(f"invalid Content-Length {raw!r}") from None
+                    raise invalid(f"invalid Content-Length {raw!r}") from None
                 if length > opts.max_body_bytes:
                     self.close_connection = True
-                    raise _Reply(413, {"detail": "Request body too large"})
+                    raise Reply(413, {"detail": "Request body too large"})
                 data = bytearray()
                 try:
                     while len(data) < length:
@@ -726,7 +461,7 @@ class CpuServer:
                     pass
                 if len(data) != length:
                     self.close_connection = True
-                    raise _invalid(f"request body ended after {len(data)} of {length} bytes")
+                    raise invalid(f"request body ended after {len(data)} of {length} bytes")
                 return bytes(data)
 
             def _handle(self):
@@ -737,16 +472,16 @@ class CpuServer:
                     if not server.authorized(
                         self.command, url.path, self.headers.get("Authorization")
                     ):
-                        raise _Reply(401, {"error": "Unauthorized"})
+                        raise Reply(401, {"error": "Unauthorized"})
                     if fn is None:
-                        raise _Reply(404, {"detail": "Not Found"})
+                        raise Reply(404, {"detail": "Not Found"})
                     try:
                         body = json.loads(raw) if raw else None
                     except ValueError as e:
-                        raise _invalid(f"JSON decode error: {e}") from None
+                        raise invalid(f"JSON decode error: {e}") from None
                     result = fn(body, parse_qs(url.query))
                     self._send(200, json.dumps(result).encode(), "application/json")
-                except _Reply as r:
+                except Reply as r:
                     if r.text is not None:
                         self._send(r.status, r.text.encode(), "text/plain; charset=utf-8")
                     else:
@@ -803,7 +538,7 @@ def _per_item(value: Any, n: int, default: Any) -> list[Any]:
         return [default] * n
     if isinstance(value, list):
         if len(value) != n:
-            raise _value_error(f"expected {n} values, got {len(value)}")
+            raise value_error(f"expected {n} values, got {len(value)}")
         return value
     return [value] * n
 
@@ -813,14 +548,14 @@ def _item_rids(rid: Any, n_prompts: int, n: int, single: bool) -> list[str]:
     batch with one string rid gets ``rid_i``; a list of rids must match the batch; with ``n > 1``
     every sample gets a fresh random rid (the caller's cannot abort them)."""
     if rid is not None and not isinstance(rid, (str, list)):
-        raise _invalid("rid: Input should be a valid string or list of strings")
+        raise invalid("rid: Input should be a valid string or list of strings")
     if isinstance(rid, list):
         if single or len(rid) != n_prompts:
-            raise _value_error(
+            raise value_error(
                 "The specified rids length mismatch with the batch_size for batch processing."
             )
         if not all(isinstance(r, str) for r in rid):
-            raise _invalid("rid: Input should be a valid list of strings")
+            raise invalid("rid: Input should be a valid list of strings")
         base = list(rid)
     elif rid is None:
         base = [uuid.uuid4().hex for _ in range(n_prompts)]
