@@ -48,7 +48,9 @@ def colocated(tmp_path_factory):
 
 
 def _shm_files() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("gopd-ipc-")}
+    """This process's stand-ins for CUDA IPC handles (named by the pid that made them): the other
+    ranks free theirs on their own schedule, and other jobs on the host make their own."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith(f"gopd-ipc-{os.getpid()}-")}
 
 
 def _colocated_push(ckpt, urls, seed):
