@@ -92,7 +92,8 @@ def plot(summary: dict, curves: dict, out: str | Path) -> Path:
                 capsize=4,
             )
             ax.scatter([lam] * len(ys), ys, color="black", s=10, zorder=3)
-        ax.axvline(1.0, color="grey", ls=":", lw=1)
+        ax.axvline(1.0, color="grey", ls=":", lw=1)  # lambda = 1: OPD
+        ax.set_xticks(lams)
         ax.set(title=title + " after training vs lambda", xlabel="lambda", ylabel="accuracy")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
@@ -116,8 +117,9 @@ def plot(summary: dict, curves: dict, out: str | Path) -> Path:
                 label=None if run.lam in seen else f"lambda {run.lam:g} ({label(run.lam)})",
             )
             seen.add(run.lam)
-        if key == "eval/accuracy":
+        if key == "eval/accuracy":  # (the baselines on the final evaluation's prompts)
             ax.axhline(teacher["sampled"], color="tab:red", lw=1, label="teacher")
+            ax.axhline(base["sampled"], color="grey", ls="--", lw=1, label="student base")
         ax.set(title=title, xlabel="step")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
