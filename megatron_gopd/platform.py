@@ -24,6 +24,10 @@ streams    dummy ``torch.cuda.Stream`` / ``current_stream`` (0.19.x DDP grad syn
 ckptq      dist_checkpointing's async writer queue uses a fork Manager instead of spawn
            (spawn re-imports ``__main__``: 6-15 s per first save on 2 cores), one that
            exits with the trainer (a plain Manager outlives a SIGKILLed parent).
+recompute  activation recomputation re-runs layers inside ``backward``, where the ``mode``
+           group's TorchFunctionMode is not active (autograd pops it), so the recomputed
+           forward runs under it explicitly; and 0.16/0.19's ``CheckpointWithoutOutput`` takes
+           ``fp8=False`` for fp8 on and reaches Transformer Engine's fp8 state: off without TE.
 moe        the MoE token dispatcher on the CPU: split sizes as numpy (``all_to_all_single``
            rejects CPU tensors there), stream events that exist, and (0.16.x) the fused-kernel
            names its router references even without Transformer Engine.
@@ -47,7 +51,7 @@ _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _patched: set[str] = set()
 
-ALL_GROUPS = ("device", "mode", "type", "sync", "rng", "streams", "ckptq", "moe")
+ALL_GROUPS = ("device", "mode", "type", "sync", "rng", "streams", "ckptq", "moe", "recompute")
 
 
 def cuda_available() -> bool:
@@ -217,6 +221,30 @@ def _patch_moe():
     mu.maybe_move_tensor_to_cpu = td.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _patch_recompute():
+    import megatron.core.tensor_parallel.random as tpr
+
+    for cls in (tpr.CheckpointFunction, getattr(tpr, "CheckpointWithoutOutputFunction", None)):
+        if cls is None:
+            continue
+        original = cls.backward
+
+        def backward(ctx, *grads, _original=original):
+            with _CudaToCpuMode():
+                return _original(ctx, *grads)
+
+        cls.backward = staticmethod(backward)
+    holder = getattr(tpr, "CheckpointWithoutOutput", None)
+    if holder is not None:
+        original_init = holder.__init__
+
+        def __init__(self, fp8=False, *args, _original=original_init, **kwargs):
+            _original(self, fp8, *args, **kwargs)
+            self.fp8 = False  # no Transformer Engine without CUDA
+
+        holder.__init__ = __init__
+
+
 _PATCHES = {
     "device": _patch_device,
     "mode": _patch_mode,
@@ -225,6 +253,7 @@ _PATCHES = {
     "rng": _patch_rng,
     "streams": _patch_streams,
     "ckptq": _patch_ckptq,
+    "recompute": _patch_recompute,
     "moe": _patch_moe,
 }
 

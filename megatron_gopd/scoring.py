@@ -107,6 +107,7 @@ def score_sequences(
     pad_to_multiple: int = 8,
     progress: bool = False,
     temperature: float = 1.0,
+    max_tokens: int | None = None,
 ) -> list[torch.Tensor] | None:
     """Log-probs of every token after the first, for each sequence, under ``role``'s model at
     ``temperature`` (``log softmax(logits / T)``, fp32 logits: what a rollout engine sampling at
@@ -116,6 +117,10 @@ def score_sequences(
     ``i`` of length ``L``, a float32 CPU tensor of ``L - 1`` values: ``[log p(x_1 | x_0), ...,
     log p(x_{L-1} | x_{<L-1})]``. The result exists on the last pipeline stage; with
     ``broadcast=True`` every stage gets it, otherwise other stages get None.
+
+    ``max_tokens``: pack the sequences into micro-batches of at most that many tokens, laid end to
+    end without padding between them (first-fit decreasing; :mod:`megatron_gopd.packing`), instead
+    of ``micro_batch_size`` right-padded rows each: compute proportional to the real tokens.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -140,6 +145,17 @@ def score_sequences(
                 f"{arch.max_position_embeddings} positions"
             )
     device = platform.device()
+    if max_tokens is not None:
+        return _score_packed(
+            role,
+            sequences,
+            max_tokens=max_tokens,
+            chunk_elements=chunk_elements,
+            broadcast=broadcast,
+            pad_to_multiple=pad_to_multiple,
+            progress=progress,
+            temperature=temperature,
+        )
     max_len = max((len(s) for s in sequences), default=2)
     seq_len = -(-max_len // pad_to_multiple) * pad_to_multiple
     seq_len = min(seq_len, max(max_len, arch.max_position_embeddings))
@@ -219,6 +235,100 @@ def score_sequences(
     if result is None:
         return None
     return [result[i, : len(s) - 1].clone() for i, s in enumerate(sequences)]
+
+
+def _score_packed(
+    role,
+    sequences,
+    *,
+    max_tokens,
+    chunk_elements,
+    broadcast,
+    pad_to_multiple,
+    progress,
+    temperature,
+):
+    """:func:`score_sequences` on packed micro-batches (one ``[1, T]`` row each)."""
+    import math
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_gopd import packing, platform
+    from megatron_gopd.types import PackedSeqs
+
+    device = platform.device()
+    multiple = math.lcm(pad_to_multiple, role.sequence_multiple)
+    bins = packing.first_fit_decreasing([len(s) for s in sequences], max_tokens)
+    bins = [sorted(b) for b in bins]
+    batches = [(PackedSeqs.of([sequences[i] for i in b], multiple, device), b) for b in bins]
+    lockstep = role.lockstep_group
+    if lockstep is not None:  # expert parallelism: as many forward passes as the busiest rank
+        n = torch.tensor([len(batches)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=lockstep)
+        dummy = (PackedSeqs.of([[0, 0]], multiple, device), [])
+        batches += [dummy] * (int(n.item()) - len(batches))
+    if not batches:
+        return [] if broadcast or ps.is_pipeline_last_stage() else None
+    bar = None
+    if progress and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(sequences), desc=f"scoring ({role.name})", unit="seq", leave=False)
+
+    def forward_step(data_iterator, model):
+        pack, idx = next(data_iterator)
+        with final_hidden_states(model):
+            hidden = model(pack.tokens_1T, None, None, packed_seq_params=pack.params())
+
+        def loss_func(hidden):
+            lp = hidden_to_logprobs(
+                model,
+                hidden,
+                pack.labels_1T(),
+                vocab_size=role.arch.vocab_size,
+                temperature=temperature,
+                chunk_elements=chunk_elements,
+            )[0]
+            if bar is not None:
+                bar.update(len(idx))
+            spans = list(zip(pack.starts, pack.lengths, strict=True))[: len(idx)]  # no dummy
+            out = [lp[a : a + n - 1].cpu() for a, n in spans]
+            zero = hidden.new_zeros(())
+            return zero, torch.tensor(1, dtype=torch.int), {"logprobs": out, "index": idx}
+
+        return hidden, loss_func
+
+    with role.in_use():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=role.chunks,
+            num_microbatches=len(batches),
+            seq_length=max(p.num_tokens for p, _ in batches),
+            micro_batch_size=1,
+            forward_only=True,
+        )
+    if bar is not None:
+        bar.close()
+    sizes = [len(s) - 1 for s in sequences]
+    flat = None
+    if ps.is_pipeline_last_stage():
+        result: list = [None] * len(sequences)
+        for o in outputs:
+            for i, lp in zip(o["index"], o["logprobs"], strict=True):
+                result[i] = lp
+        flat = torch.cat(result) if result else torch.empty(0)
+    if not sequences:
+        return [] if broadcast or ps.is_pipeline_last_stage() else None
+    if broadcast and ps.get_pipeline_model_parallel_world_size() > 1:
+        buf = (flat if flat is not None else torch.empty(sum(sizes))).to(device)
+        src = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(buf, src=src, group=ps.get_pipeline_model_parallel_group())
+        flat = buf.cpu()
+    if flat is None:
+        return None
+    return [t.clone() for t in torch.split(flat, sizes)]
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -11,12 +11,13 @@ reference policy pi_ref of the G-OPD reward.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["RolloutBatch", "Sample"]
+__all__ = ["PackedSeqs", "RolloutBatch", "Sample"]
 
 
 @dataclass
@@ -47,8 +48,80 @@ class Sample:
 
 
 @dataclass
+class PackedSeqs:
+    """Sequences laid end to end in one row (THD): what the model runs on a packed micro-batch.
+
+    ``tokens_1T``: the sequences one after the other, then ``pad`` zeros so that ``T`` is a
+    multiple of the model's (TP under sequence parallelism); ``cu_seqlens``: int32 ``[n + 1]``
+    boundaries (0, L_0, L_0 + L_1, ..., T), the tail padding a segment of its own, so that no
+    token attends across a boundary and RoPE restarts at each (megatron-core's ``PackedSeqParams``
+    with ``qkv_format="thd"``). ``starts``: where each of the ``n`` sequences begins."""
+
+    tokens_1T: torch.Tensor  # int64 [1, T]
+    cu_seqlens: torch.Tensor  # int32 [segments + 1]
+    max_seqlen: int
+    starts: list[int]
+    lengths: list[int]
+
+    @classmethod
+    def of(cls, sequences, multiple: int = 1, device=None) -> PackedSeqs:
+        lengths = [len(s) for s in sequences]
+        total = sum(lengths)
+        T = max(-(-total // multiple) * multiple, multiple)
+        tokens = torch.zeros((1, T), dtype=torch.long)
+        starts, pos = [], 0
+        for s in sequences:
+            starts.append(pos)
+            tokens[0, pos : pos + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            pos += len(s)
+        segments = [n for n in lengths if n] + ([T - total] if total < T else [])
+        cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32)
+        return cls(tokens.to(device), cu.to(device), max(segments), starts, lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens_1T.shape[1]
+
+    def params(self):
+        """megatron-core's ``PackedSeqParams`` for this pack."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
+
+    def labels_1T(self) -> torch.Tensor:
+        """Position ``j`` holds token ``j + 1`` (the next token of the same sequence except at a
+        sequence's last position, which no mask selects)."""
+        return torch.roll(self.tokens_1T, shifts=-1, dims=1)
+
+    def row_index_BS(self, S: int) -> torch.Tensor:
+        """``[n, S]``: the packed position of each (sequence, position) of a right-padded
+        ``[n, S]`` layout; padding positions point at 0 (masked wherever they are read)."""
+        starts = torch.tensor(self.starts, dtype=torch.long).unsqueeze(1)
+        cols = torch.arange(S, dtype=torch.long).unsqueeze(0)
+        valid = cols < torch.tensor(self.lengths, dtype=torch.long).unsqueeze(1)
+        return torch.where(valid, starts + cols, torch.zeros_like(cols)).to(self.tokens_1T.device)
+
+    def to(self, device) -> PackedSeqs:
+        return PackedSeqs(
+            self.tokens_1T.to(device),
+            self.cu_seqlens.to(device),
+            self.max_seqlen,
+            self.starts,
+            self.lengths,
+        )
+
+
+@dataclass
 class RolloutBatch:
-    """Samples collated for the update: right-padded, label-aligned tensors."""
+    """Samples collated for the update: right-padded, label-aligned tensors. With ``packed`` the
+    model runs on the packed sequences instead (:class:`PackedSeqs`) and ``row_BS`` maps each
+    ``(b, s)`` to its packed row; every per-token tensor here stays in the ``[B, S]`` layout."""
 
     tokens_BS: torch.Tensor  # int64 input ids
     response_mask_BS: torch.Tensor  # float: 1 where label j+1 is a response token
@@ -59,12 +132,17 @@ class RolloutBatch:
     domain_ids_B: torch.Tensor  # int64 index into ``domains``
     domains: list[str]
     seq_lens_B: torch.Tensor  # int64 number of real tokens per row
+    packed: PackedSeqs | None = None
+    row_BS: torch.Tensor | None = None  # int64: packed row of (b, s) (with ``packed``)
 
     @property
     def batch_size(self) -> int:
         return self.tokens_BS.shape[0]
 
     def slice(self, a: int, b: int) -> RolloutBatch:
+        if self.packed is not None:
+            raise ValueError("a packed micro-batch is not sliced: pack each one on its own")
+
         def s(t):
             return None if t is None else t[a:b]
 
@@ -94,4 +172,6 @@ class RolloutBatch:
             domain_ids_B=m(self.domain_ids_B),
             domains=self.domains,
             seq_lens_B=m(self.seq_lens_B),
+            packed=None if self.packed is None else self.packed.to(device),
+            row_BS=m(self.row_BS),
         )

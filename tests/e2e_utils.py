@@ -43,6 +43,10 @@ def train_args(w: dict[str, Path], save: Path, *extra: str, steps: int = 4) -> l
         "8",
         "--micro-batch-size",
         "4",
+        "--max-prompt-len",
+        "32",
+        "--max-tokens-per-microbatch",
+        "64",  # packed micro-batches of a few samples each (packing is on by default)
         "--lr",
         "3e-3",
         "--train-iters",

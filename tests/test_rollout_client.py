@@ -301,11 +301,11 @@ def test_a_cancelled_rollout_aborts_its_requests_on_the_server(served, seeded):
     client = RolloutClient(servers.urls, ClientConfig(progress=False))
     cfg = SamplingConfig(max_new_tokens=240, ignore_eos=True, seed=5 if seeded else None)
     full = time.monotonic()
-    client.sample(prompts(6, length=4), n=4, sampling=cfg)
+    client.sample(prompts(16, length=4), n=4, sampling=cfg)
     full = time.monotonic() - full
 
     async def cancel_midway():
-        task = asyncio.create_task(client.asample(prompts(6, length=4), n=4, sampling=cfg))
+        task = asyncio.create_task(client.asample(prompts(16, length=4), n=4, sampling=cfg))
         while (
             client.last_report.requests == 0
             or http_json(url + "/flush_cache", method="POST")[0] == 200
@@ -318,7 +318,8 @@ def test_a_cancelled_rollout_aborts_its_requests_on_the_server(served, seeded):
     asyncio.run(cancel_midway())
     idle = _server_idle_after(url, timeout_s=full + 30)
     print(f"uninterrupted rollout {full:.2f}s; idle {idle}s after the cancel")
-    assert full > 2.0 and idle is not None and idle < 0.5, (idle, full)
+    # the server batches all 64 samples: the whole rollout is ~1-3 s on 2 cores
+    assert full > 1.0 and idle is not None and idle < 0.5, (idle, full)
 
 
 def test_flush_cache_retries_while_busy(served):

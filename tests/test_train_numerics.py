@@ -187,7 +187,7 @@ def test_rollout_and_trainer_logprobs_agree_at_the_sampling_temperature(
             str(temperature),
         )
     )
-    assert len(rec["gaps"]) == STEPS * 4  # 16 samples, micro-batches of 4
+    assert len(rec["gaps"]) >= STEPS  # one per (packed) micro-batch
     assert max(rec["gaps"]) <= ROLLOUT_TOL, rec["gaps"]
     metrics = read_metrics(save)
     assert all(m["train/rollout_abs_log_ratio"] <= ROLLOUT_TOL for m in metrics[1:])
@@ -207,7 +207,8 @@ def test_full_vocab_wider_teacher_temperatures_and_offload(world, tmp_path):
       own 20 rows (over the student's 15 it differs by far more than the tolerance);
     * the teacher's and the reference's log-probs are HF's at 0.8 and 1.0;
     * the trainer's log-probs (through the full-vocabulary kernel) are the rollout engine's;
-    * every frozen role crosses to the device once per update phase (4 micro-batches), and its
+    * every frozen role crosses to the device once per update phase (of several micro-batches:
+      the budget below holds four samples), and its
       host buffers are allocated once in the whole run."""
     save = tmp_path / "run"
     T, T_TEACHER, T_REF = 0.6, 0.8, 1.0

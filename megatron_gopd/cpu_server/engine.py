@@ -24,8 +24,20 @@ Semantics follow SGLang 0.5.23 where a trainer can observe them:
   ``lm_head.weight`` as SGLang's Llama/Qwen loaders do. An update is validated whole (names,
   shapes) before the first copy, so a bad update leaves the old weights in place.
 
-The model runs in the checkpoint's dtype unless told otherwise, with eager attention, so that its
-log-probs are a faithful fp32 reference for the parity tests. ``enable_fp32_lm_head`` is SGLang's
+Batching, as SGLang's scheduler does it: every request in flight runs in one batch. A request's
+samples join a waiting queue; between two decode steps the scheduler admits waiting rows (at most
+``max_running_requests`` rows in the batch, ``max_prefill_tokens`` prompt tokens per step), runs
+one forward over the prompts of the newly admitted rows and the last token of every running row,
+packed into one sequence without padding, samples every row, and retires finished and aborted
+rows. Each row keeps its keys and values in a slot of its own and attends to that slot only. With
+``deterministic=True`` the forward is batch-invariant, as SGLang's deterministic inference is: the
+linear layers compute row by row and attention groups only rows of equal shape, so a seeded
+request gives the same bits whatever else runs (a plain batched GEMM changes a row's bits with
+the batch, by up to 1e-5 here); without it rows are grouped more coarsely and the bits depend on
+the company, as SGLang's default kernels' do.
+
+The model runs in the checkpoint's dtype unless told otherwise, with eager attention's maths, so
+that its log-probs are a faithful fp32 reference for the parity tests. ``enable_fp32_lm_head`` is SGLang's
 ``--enable-fp32-lm-head`` (fp32 logits from a bf16 model, as the trainer computes them);
 ``device`` runs the model on a GPU (sampling stays on the host).
 """
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +86,8 @@ class CpuEngine:
         deterministic: bool = False,
         enable_fp32_lm_head: bool = False,
         device: str = "cpu",
+        max_running_requests: int = 256,
+        max_prefill_tokens: int = 16384,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -80,16 +95,19 @@ class CpuEngine:
         config = AutoConfig.from_pretrained(model_path)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.device = torch.device(device)
+        _register_rows_attention()
         self.model = (
             AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=torch_dtype, attn_implementation="eager"
+                model_path, dtype=torch_dtype, attn_implementation=_ROWS_ATTENTION
             )
             .eval()
             .to(self.device)
         )
         self.model.requires_grad_(False)
+        if deterministic:
+            _batch_invariant_linears(self.model)
         if enable_fp32_lm_head:
-            _fp32_lm_head(self.model.get_output_embeddings())
+            _fp32_lm_head(self.model.get_output_embeddings(), batch_invariant=deterministic)
         self.config = config
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.context_length = int(
@@ -103,8 +121,14 @@ class CpuEngine:
         self.return_original_logprob = os.environ.get(
             "SGLANG_RETURN_ORIGINAL_LOGPROB", ""
         ).lower() in ("1", "true", "yes")
-        # one model step at a time; requests interleave between steps
+        # one model step at a time (the scheduler's, or a weight update between two)
         self.model_lock = threading.Lock()
+        self.max_running_requests = max(1, int(max_running_requests))
+        self.max_prefill_tokens = max(1, int(max_prefill_tokens))
+        self._cond = threading.Condition()
+        self._pending: deque[_Row] = deque()
+        self._scheduler: threading.Thread | None = None
+        self._pool = _KVPool()  # the scheduler's
         self._state_lock = threading.Lock()
         self._running = 0
         self._inflight: set[str] = set()
@@ -152,19 +176,23 @@ class CpuEngine:
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
     def generate(self, items: list[GenItem]) -> list[GenItem]:
-        """Generate every item (their rids claimed with :meth:`register`); items with the same
-        prompt run as one batch."""
+        """Generate every item (their rids claimed with :meth:`register`). The items join the
+        scheduler's batch, where they run with every other request in flight; this returns
+        when all of them are finished."""
         with self._state_lock:
             self._running += 1
             epoch = self._abort_epoch
+        req = _Request(len(items))
         try:
-            groups: dict[tuple[int, ...], list[GenItem]] = {}
-            for it in items:
-                groups.setdefault(tuple(it.input_ids), []).append(it)
-            for prompt, group in groups.items():
-                self._generate_group(list(prompt), group, epoch)
+            if items:
+                with self._cond:
+                    self._pending.extend(_Row(it, req, epoch) for it in items)
+                    self._start_scheduler()
+                    self._cond.notify()
+                req.done.wait()
+            if req.error is not None:
+                raise req.error
         finally:
             with self._state_lock:
                 self._running -= 1
@@ -178,90 +206,198 @@ class CpuEngine:
         with self._state_lock:
             self._inflight.difference_update(rids)
 
-    def _forward(self, input_ids: torch.Tensor, cache=None):
-        """Logits (fp32, on the host, where sampling runs) and the KV cache (on the device)."""
-        with self.model_lock:
-            out = self.model(
-                input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True
+    def _start_scheduler(self) -> None:
+        """(under ``_cond``) A scheduler thread while there is work; it ends when idle."""
+        if self._scheduler is None:
+            self._scheduler = threading.Thread(
+                target=self._schedule, name="cpu-engine-scheduler", daemon=True
             )
-        return out.logits.float().cpu(), out.past_key_values
+            self._scheduler.start()
 
-    def _generate_group(self, prompt: list[int], items: list[GenItem], epoch: int) -> None:
-        b, n_prompt = len(items), len(prompt)
-        ids = torch.tensor([prompt] * b, dtype=torch.long)
-        logits, cache = self._forward(ids)
-        for it in items:
-            if it.return_logprob:
-                start = it.logprob_start_len if it.logprob_start_len >= 0 else n_prompt - 1
-                lp = F.log_softmax(logits[0, :-1], dim=-1)
-                lp = lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
-                it.input_logprobs = [None, *lp][start:]
-        last = logits[:, -1]
-        params = [_normalize(it.params) for it in items]
-        # SGLang: sampling_seed counts only in deterministic mode, where None means 42
-        gens = [
-            torch.Generator().manual_seed(
-                (42 if p["sampling_seed"] is None else p["sampling_seed"]) % 2**63
-            )
-            if self.deterministic
-            else None
-            for p in params
-        ]
-        active = list(range(b))
-        step = 0
+    def _schedule(self) -> None:
+        """The scheduler loop: admit waiting rows (up to ``max_running_requests`` rows and
+        ``max_prefill_tokens`` prompt tokens per step), run one forward over the prompts of the
+        admitted rows and the last token of every running row, sample, retire finished rows."""
+        active: list[_Row] = []
         while True:
-            still = []
-            for i in active:
-                it, p = items[i], params[i]
-                if self._is_aborted(it.rid, epoch):
-                    it.finish = {
-                        "type": "abort",
-                        "message": "Abort request",
-                        "status_code": None,
-                        "err_type": None,
-                    }
-                    continue
-                if len(it.output_ids) >= p["max_new_tokens"] or n_prompt + step >= (
-                    self.context_length
-                ):
-                    it.finish = {"type": "length", "length": len(it.output_ids)}
-                    continue
-                tok, lp = self._sample(last[i], p, gens[i])
-                it.output_ids.append(tok)
-                if it.return_logprob:
-                    it.output_logprobs.append(lp)
-                if tok in p["stop_token_ids"] or (not p["ignore_eos"] and tok in self.eos_ids):
-                    it.finish = {"type": "stop", "matched": tok}
-                    continue
-                still.append(i)
-            active = still
-            if not active:
-                return
-            step += 1
-            nxt = torch.tensor([[it.output_ids[-1] if it.output_ids else 0] for it in items])
-            logits, cache = self._forward(nxt, cache)
-            last = logits[:, -1]
+            with self._cond:
+                if not self._pending and not active:
+                    # idle: the thread ends (a new one starts with the next request), so that
+                    # no thread of ours is left inside torch when the interpreter exits
+                    self._scheduler = None
+                    self._pool = _KVPool()  # and the caches' memory goes back
+                    return
+                admitted, budget = [], self.max_prefill_tokens
+                while self._pending and len(active) + len(admitted) < self.max_running_requests:
+                    n = len(self._pending[0].item.input_ids)
+                    if admitted and n > budget:
+                        break
+                    budget -= n
+                    admitted.append(self._pending.popleft())
+            try:
+                active = self._step(active, admitted)
+            except BaseException as e:  # a model failure fails its requests, not the server
+                for row in active + admitted:
+                    row.req.fail(e)
+                active = []
 
-    def _sample(
-        self, logits: torch.Tensor, p: dict[str, Any], gen: torch.Generator | None
-    ) -> tuple[int, float]:
-        t = p["temperature"]
-        if p["top_k"] == 1:  # greedy (SGLang maps temperature 0 to top_k 1)
-            tok = int(torch.argmax(logits))
-            return tok, float(F.log_softmax(logits, dim=-1)[tok])
-        scaled = logits / t
-        logprobs = F.log_softmax(scaled, dim=-1)
-        probs = logprobs.exp()
-        sorted_p, idx = torch.sort(probs, descending=True)
-        if p["top_k"] < sorted_p.numel():
-            sorted_p[p["top_k"] :] = 0.0
-        if p["top_p"] < 1.0:
-            cum = torch.cumsum(sorted_p, dim=0)
-            sorted_p[(cum - sorted_p) > p["top_p"]] = 0.0
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen or self.generator)
-        tok = int(idx[choice])
-        lp = F.log_softmax(logits, dim=-1)[tok] if self.return_original_logprob else logprobs[tok]
-        return tok, float(lp)
+    @torch.no_grad()
+    def _step(self, active: list[_Row], admitted: list[_Row]) -> list[_Row]:
+        for row in admitted:
+            row.slot = self._pool.take()
+        rows = []
+        for row in active + admitted:
+            if self._is_aborted(row.item.rid, row.epoch):
+                self._finish(row, _ABORT)
+            else:
+                rows.append(row)
+        if not rows:
+            return []
+        logits = self._forward_rows(rows, self._pool)
+        sampling = []
+        for row, lg in zip(rows, logits):
+            it = row.item
+            if not row.prefilled:
+                row.prefilled = True
+                if it.return_logprob:
+                    start = it.logprob_start_len if it.logprob_start_len >= 0 else row.n_prompt - 1
+                    lp = F.log_softmax(lg[:-1], dim=-1)
+                    ids = torch.tensor(it.input_ids[1:], dtype=torch.long)
+                    lp = lp.gather(1, ids[:, None]).squeeze(1).tolist()
+                    it.input_logprobs = [None, *lp][start:]
+            if self._is_aborted(it.rid, row.epoch):
+                self._finish(row, _ABORT)
+            elif row.at_length(self.context_length):
+                self._finish(row, {"type": "length", "length": len(it.output_ids)})
+            else:
+                sampling.append((row, lg[-1]))
+        if not sampling:
+            return []
+        drawn = self._sample_rows(
+            torch.stack([lg for _, lg in sampling]), [row for row, _ in sampling]
+        )
+        still = []
+        for (row, _), (tok, lp) in zip(sampling, drawn):
+            it, p = row.item, row.params
+            it.output_ids.append(tok)
+            if it.return_logprob:
+                it.output_logprobs.append(lp)
+            if tok in p["stop_token_ids"] or (not p["ignore_eos"] and tok in self.eos_ids):
+                self._finish(row, {"type": "stop", "matched": tok})
+            elif row.at_length(self.context_length):
+                self._finish(row, {"type": "length", "length": len(it.output_ids)})
+            else:
+                row.feed = [tok]
+                still.append(row)
+        return still
+
+    def _finish(self, row: _Row, finish: dict[str, Any]) -> None:
+        row.item.finish = dict(finish)
+        if row.slot is not None:
+            self._pool.give(row.slot)
+            row.slot = None
+        row.req.one_done()
+
+    def _forward_rows(self, rows: list[_Row], pool: _KVPool) -> list[torch.Tensor]:
+        """One forward over every row's ``feed`` tokens, packed into one sequence (no padding):
+        linear layers see all tokens at once, attention runs over each row's own cache in
+        ``pool``, rows of equal shape together (:func:`_rows_attention`). Returns per row the
+        fp32 logits (on the host) of its last token, or of all its fed tokens while a prompt
+        whose log-probs were asked for is prefilled."""
+        ids, pos, tok_slot, keep, spans = [], [], [], [], []
+        shapes: dict[tuple[int, int], tuple[list[int], list[int], list[int]]] = {}
+        off = 0
+        for row in rows:
+            n, p0 = len(row.feed), row.length
+            ids += row.feed
+            pos += range(p0, p0 + n)
+            tok_slot += [row.slot] * n
+            # deterministic: rows of equal shape only (batch-invariant); else every row with
+            # as many new tokens, its cache padded to the group's longest and masked
+            toks, slots, totals = shapes.setdefault(
+                (n, p0 + n if self.deterministic else 0), ([], [], [])
+            )
+            toks += range(off, off + n)
+            slots.append(row.slot)
+            totals.append(p0 + n)
+            whole = not row.prefilled and row.item.return_logprob
+            spans.append((len(keep), n if whole else 1))
+            keep += range(off, off + n) if whole else [off + n - 1]
+            off += n
+        dev = self.device
+        ctx = _StepRows(
+            pool=pool,
+            slots=pool.n_slots,
+            length=max(max(tot) for _, _, tot in shapes.values()),
+            tok_slot=torch.tensor(tok_slot, device=dev),
+            tok_pos=torch.tensor(pos, device=dev),
+            groups=[
+                (
+                    n,
+                    max(tot),
+                    torch.tensor(t, device=dev),
+                    torch.tensor(sl, device=dev),
+                    _hidden(n, tot, dev),
+                )
+                for (n, _), (t, sl, tot) in shapes.items()
+            ],
+        )
+        with self.model_lock:
+            _ROWS.ctx = ctx
+            try:
+                out = self.model(
+                    input_ids=torch.tensor([ids], device=dev),
+                    position_ids=torch.tensor([pos], device=dev),
+                    use_cache=False,
+                    logits_to_keep=torch.tensor(keep, device=dev),
+                )
+            finally:
+                _ROWS.ctx = None
+        for row in rows:
+            row.length += len(row.feed)
+        logits = out.logits[0].float().cpu()
+        return [logits[a : a + n] for a, n in spans]
+
+    def _sample_rows(self, logits: torch.Tensor, rows: list[_Row]) -> list[tuple[int, float]]:
+        """Next token and its reported log-prob for each row from its last logits ``[R, V]``:
+        rows with the same sampling parameters together; a row with a generator of its own
+        (deterministic mode) draws from it."""
+        out: list[tuple[int, float]] = [(0, 0.0)] * len(rows)
+        kinds: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            p = row.params
+            kinds.setdefault((p["temperature"], p["top_k"], p["top_p"]), []).append(i)
+        for (t, top_k, top_p), idx in kinds.items():
+            lg = logits[idx]
+            if top_k == 1:  # greedy (SGLang maps temperature 0 to top_k 1)
+                tok = lg.argmax(dim=-1)
+                lp = F.log_softmax(lg, dim=-1).gather(1, tok[:, None]).squeeze(1)
+                for j, i in enumerate(idx):
+                    out[i] = (int(tok[j]), float(lp[j]))
+                continue
+            logprobs = F.log_softmax(lg / t, dim=-1)
+            reported = F.log_softmax(lg, dim=-1) if self.return_original_logprob else logprobs
+            probs = logprobs.exp()
+            order = None
+            if top_k < probs.shape[1] or top_p < 1.0:  # truncation on the sorted probabilities
+                probs, order = torch.sort(probs, dim=-1, descending=True)
+                if top_k < probs.shape[1]:
+                    probs[:, top_k:] = 0.0
+                if top_p < 1.0:
+                    cum = torch.cumsum(probs, dim=-1)
+                    probs[(cum - probs) > top_p] = 0.0
+            gens = [rows[i].generator(self.deterministic) for i in idx]
+            if gens[0] is None:
+                choice = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            else:
+                choice = torch.cat(
+                    [torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(gens)]
+                )
+            tok = choice if order is None else order.gather(1, choice[:, None]).squeeze(1)
+            lp = reported.gather(1, tok[:, None]).squeeze(1)
+            for j, i in enumerate(idx):
+                out[i] = (int(tok[j]), float(lp[j]))
+        return out
 
     # ------------------------------------------------------------------ weights
 
@@ -414,7 +550,190 @@ class CpuEngine:
     def health_generate(self) -> None:
         """One prefill step, skipped while requests run (they prove the model works)."""
         if not self.busy:
-            self._forward(torch.tensor([[0]]))
+            pool = _KVPool()
+            row = _Row(GenItem("health", [0], {}), _Request(1), 0)
+            row.slot = pool.take()
+            with torch.no_grad():
+                self._forward_rows([row], pool)
+
+
+_ABORT = {"type": "abort", "message": "Abort request", "status_code": None, "err_type": None}
+
+
+class _Request:
+    """One ``generate`` call waiting for its rows."""
+
+    def __init__(self, n_rows: int):
+        self.left = n_rows
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        if n_rows == 0:
+            self.done.set()
+
+    def one_done(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+class _KVPool:
+    """The keys and values of every running row: per layer one ``[slots, kv_heads, capacity,
+    head_dim]`` tensor each, row ``r`` in slot ``r.slot`` with its first ``r.length`` positions
+    valid. A row reads its own slot only (no neighbours, no padding in what it attends to), so
+    its attention does not depend on what else runs. Grown by doubling as slots and lengths are
+    needed; made on the first layer's call (shapes and dtype from its keys)."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.n_slots = 0
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self.n_slots += 1
+        return self.n_slots - 1
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def layer(self, layer: int, like: torch.Tensor, slots: int, length: int):
+        """Layer ``layer``'s (keys, values), with room for ``slots`` slots of ``length``."""
+        k = self.k.get(layer)
+        if k is None or k.shape[0] < slots or k.shape[2] < length:
+            old_s, old_l = (0, 0) if k is None else (k.shape[0], k.shape[2])
+            s, n = max(slots, 2 * old_s), max(length, 2 * old_l, 16)
+            heads, dim = like.shape[1], like.shape[3]
+            for store in (self.k, self.v):
+                new = like.new_zeros((s, heads, n, dim))
+                if store.get(layer) is not None:
+                    new[:old_s, :, :old_l] = store[layer]
+                store[layer] = new
+        return self.k[layer], self.v[layer]
+
+
+@dataclass
+class _StepRows:
+    """What one forward's attention needs: the pool, its required size, each packed token's
+    slot and position, and the rows grouped as ``(n_new, longest total, token indices in the
+    packed sequence, slots, the positions hidden from each query or None)``."""
+
+    pool: _KVPool
+    slots: int
+    length: int
+    tok_slot: torch.Tensor
+    tok_pos: torch.Tensor
+    groups: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+class _Row:
+    """One sample in the scheduler's batch."""
+
+    def __init__(self, item: GenItem, req: _Request, epoch: int):
+        self.item, self.req, self.epoch = item, req, epoch
+        self.params = _normalize(item.params)
+        self.n_prompt = len(item.input_ids)
+        self.feed: list[int] = list(item.input_ids)
+        self.prefilled = False
+        self.slot: int | None = None
+        self.length = 0  # tokens in its cache
+        self._gen: torch.Generator | None = None
+
+    def at_length(self, context_length: int) -> bool:
+        k = len(self.item.output_ids)
+        return k >= self.params["max_new_tokens"] or self.n_prompt + k >= context_length
+
+    def generator(self, deterministic: bool) -> torch.Generator | None:
+        """SGLang: ``sampling_seed`` counts only in deterministic mode, where None means 42;
+        such a row draws from a generator of its own, whatever else runs."""
+        if not deterministic:
+            return None
+        if self._gen is None:
+            seed = self.params["sampling_seed"]
+            self._gen = torch.Generator().manual_seed((42 if seed is None else seed) % 2**63)
+        return self._gen
+
+
+# the rows of the forward being run by this thread (a _StepRows)
+_ROWS = threading.local()
+_ROWS_ATTENTION = "gopd_rows"
+
+
+def _rows_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """HF attention over a packed batch ``[1, heads, tokens, head_dim]`` whose rows are
+    described by ``_ROWS.ctx``: the new keys/values go to each row's slot of the pool, and each
+    row's queries attend causally to its own slot (eager attention's maths: scaled scores, fp32
+    softmax, weighted values; grouped-query heads share their key/value head as ``repeat_kv``
+    does). With deterministic inference, only rows of equal shape run as one batched product,
+    whose per-row results do not depend on how many rows it holds: a row's numbers are the same
+    alone or in any batch. Otherwise rows with as many new tokens run together, each masked to
+    its own length (fewer, larger products; the bits then depend on the company, as SGLang's
+    default kernels' do)."""
+    ctx: _StepRows = _ROWS.ctx
+    keys, values = ctx.pool.layer(module.layer_idx, key, ctx.slots, ctx.length)
+    keys[ctx.tok_slot, :, ctx.tok_pos] = key[0].transpose(0, 1)
+    values[ctx.tok_slot, :, ctx.tok_pos] = value[0].transpose(0, 1)
+    n_q, n_tok, d = query.shape[1], query.shape[2], query.shape[3]
+    n_kv = key.shape[1]
+    groups = n_q // n_kv
+    out = query.new_empty(n_tok, n_q, d)
+    q_all = query[0]
+    for n, total, toks, slots, hidden in ctx.groups:
+        g = slots.numel()
+        q = q_all[:, toks].view(n_kv, groups, g, n, d).permute(2, 0, 1, 3, 4)
+        q = q.reshape(g, n_kv, groups * n, d)
+        k, v = keys[slots, :, :total], values[slots, :, :total]  # [g, n_kv, total, d]
+        w = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)  # [g, n_kv, groups * n, total]
+        if hidden is not None:
+            w = w.view(g, n_kv, groups, n, total).masked_fill(hidden, torch.finfo(w.dtype).min)
+            w = w.view(g, n_kv, groups * n, total)
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+        o = torch.matmul(w, v).view(g, n_kv, groups, n, d).permute(0, 3, 1, 2, 4)
+        out[toks] = o.reshape(g * n, n_q, d)
+    return out.unsqueeze(0), None
+
+
+def _hidden(n: int, totals: list[int], device) -> torch.Tensor | None:
+    """The positions each query of a group must not see, ``[g, 1, 1, n, longest]`` (None: none):
+    row r's query j sits at position ``totals[r] - n + j`` and sees the positions up to it."""
+    longest = max(totals)
+    if n == 1 and min(totals) == longest:
+        return None
+    ends = torch.tensor(totals, device=device)
+    qpos = ends[:, None] - n + torch.arange(n, device=device)[None, :]  # [g, n]
+    hidden = torch.arange(longest, device=device)[None, None, :] > qpos[:, :, None]
+    return hidden[:, None, None]
+
+
+def _register_rows_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ROWS_ATTENTION, _rows_attention)
+
+
+def _rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` one row at a time (a batched ``[1, in] x [in, out]`` product):
+    each row's result is independent of how many rows come with it. A plain ``F.linear``
+    is not: its GEMM blocks the rows, and a row's bits change with the batch (measured here:
+    up to 1e-5 on 64-4096 wide layers) -- the CPU twin of SGLang's batch-invariant kernels."""
+    shape = x.shape
+    x3 = x.reshape(-1, 1, shape[-1])
+    y = torch.bmm(x3, weight.t().unsqueeze(0).expand(x3.shape[0], -1, -1))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def _batch_invariant_linears(model: torch.nn.Module) -> None:
+    """Every ``nn.Linear`` of ``model`` computes row by row (``--enable-deterministic-inference``)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.forward = lambda x, m=m: _rowwise_linear(x, m.weight, m.bias)
 
 
 # SGLang 0.5.23 models with a ``get_weights_by_name`` (srt/models/*.py), by HF architecture
@@ -429,15 +748,18 @@ _GET_WEIGHTS_BY_NAME_ARCHS = {
 }
 
 
-def _fp32_lm_head(head: torch.nn.Module) -> None:
+def _fp32_lm_head(head: torch.nn.Module, batch_invariant: bool = False) -> None:
     """SGLang's ``--enable-fp32-lm-head``: the LM head's logits are fp32, its bf16 operands
     multiplied with fp32 accumulation and not rounded back to bf16 (the same function the trainer
-    uses, :func:`megatron_gopd.vocab_parallel.output_layer.fp32_logits`). A no-op for an fp32
-    model."""
+    uses, :func:`megatron_gopd.vocab_parallel.output_layer.fp32_logits`; row by row when
+    ``batch_invariant``). A no-op for an fp32 model."""
     from megatron_gopd.vocab_parallel.output_layer import fp32_logits
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        out = fp32_logits(hidden, head.weight)
+        if batch_invariant:
+            out = _rowwise_linear(hidden.float(), head.weight.float())
+        else:
+            out = fp32_logits(hidden, head.weight)
         return out if head.bias is None else out + head.bias.float()
 
     head.forward = forward

@@ -34,8 +34,9 @@ pinned schema, 0.5.23; the differences are :class:`~megatron_gopd.rollout.protoc
   work; request bodies are read with a socket timeout and a size limit.
 
 Model semantics are in :mod:`megatron_gopd.cpu_server.engine`. Stdlib ``http.server`` with a thread
-per request: no web framework in the base install, and the model is the bottleneck anyway (one
-model step at a time; requests interleave between steps). It binds 127.0.0.1 unless told otherwise.
+per connection (no web framework in the base install): handler threads hand their samples to the
+engine's scheduler, which runs every request in flight as one batch (``--max-running-requests``,
+``--max-prefill-tokens``), and wait for them. It binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -684,6 +685,9 @@ class CpuServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body are two writes: without TCP_NODELAY the body waits for the
+            # client's delayed ACK of the headers (up to 40 ms per answer on Linux)
+            disable_nagle_algorithm = True
             timeout = opts.read_timeout_s  # a stalled client cannot hold a handler forever
 
             def log_message(self, fmt, *args):  # quiet: the trainer's log is the one to read
@@ -883,6 +887,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="as SGLang's: the LM head computes fp32 logits (bf16 products, fp32 accumulation)",
     )
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
+    p.add_argument(
+        "--max-running-requests",
+        type=int,
+        default=256,
+        help="as SGLang's: most samples decoded together in one batch (the rest wait)",
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=16384,
+        help="as SGLang's: most prompt tokens admitted into the batch per step",
+    )
     return p
 
 
@@ -953,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
         deterministic=args.enable_deterministic_inference,
         enable_fp32_lm_head=args.enable_fp32_lm_head,
         device=args.device,
+        max_running_requests=args.max_running_requests,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     server = CpuServer(engine, opts)
     try:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from megatron_gopd import platform
+from megatron_gopd.flags import flag
 from megatron_gopd.models.arch import ModelArch, llama3_inv_freq
 from megatron_gopd.models.checkpoint import (
     load_model_weights,
@@ -29,6 +30,7 @@ from megatron_gopd.utils import GopdError, get_logger
 __all__ = [
     "LocalRMSNorm",
     "OffloadStats",
+    "RecomputeConfig",
     "RoleModel",
     "build_gpt",
     "build_role",
@@ -68,6 +70,68 @@ def use_transformer_engine(spec: str = "auto") -> bool:
     return _have_te() and platform.cuda_available()
 
 
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recomputation of the trained model (megatron-core's; Megatron-LM's flag names).
+
+    Long packed micro-batches keep every layer's activations for the backward pass; recomputing
+    them trades ~1/3 more compute for memory. ``selective`` recomputes the core attention only (no
+    effect with Transformer Engine's fused attention, which keeps no scores); ``full`` recomputes
+    whole layers: ``uniform`` in chunks of ``--recompute-num-layers``, ``block`` the first
+    ``--recompute-num-layers`` layers of each pipeline stage. Frozen roles never store activations
+    (forward only), so this applies to the student."""
+
+    FLAG_GROUP = "models"
+
+    recompute_granularity: Literal["full", "selective"] | None = flag(
+        None,
+        help="recompute activations in the backward pass (full layers or selective)",
+        default_help="off",
+    )
+    recompute_method: Literal["uniform", "block"] | None = flag(
+        None, help="with full: uniform (chunks of N layers) or block (the first N of each stage)"
+    )
+    recompute_num_layers: int | None = flag(
+        None, help="N of --recompute-method (layers per chunk, or layers per stage)"
+    )
+
+    def overrides(self, arch: ModelArch, pp: int) -> dict[str, Any]:
+        """TransformerConfig fields; a combination megatron-core would reject (or, on 0.16,
+        fail on mid-run) is a :class:`GopdError` naming the flags."""
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g is None:
+            if m is not None or n is not None:
+                raise GopdError(
+                    "--recompute-method / --recompute-num-layers need --recompute-granularity"
+                )
+            return {}
+        if g == "selective":
+            if m is not None or n is not None:
+                raise GopdError(
+                    "--recompute-granularity selective takes no --recompute-method / "
+                    "--recompute-num-layers"
+                )
+            return dict(recompute_granularity="selective")
+        per_stage = arch.num_layers // pp
+        if m is None or n is None:
+            raise GopdError(
+                "--recompute-granularity full needs --recompute-method (uniform or block) and "
+                "--recompute-num-layers"
+            )
+        if not 1 <= n <= per_stage:
+            raise GopdError(
+                f"--recompute-num-layers {n} must be between 1 and the {per_stage} layers per "
+                f"pipeline stage"
+            )
+        if m == "uniform" and per_stage % n:
+            # megatron-core 0.16 indexes past the stage's last layer otherwise
+            raise GopdError(
+                f"--recompute-method uniform needs --recompute-num-layers {n} to divide the "
+                f"{per_stage} layers per pipeline stage"
+            )
+        return dict(recompute_granularity="full", recompute_method=m, recompute_num_layers=n)
+
+
 def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
     """megatron-core TransformerConfig for ``arch`` under the current model-parallel layout."""
     from megatron.core import parallel_state as ps
@@ -105,6 +169,11 @@ def transformer_config(arch: ModelArch, params_dtype: torch.dtype, **overrides):
         calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,
     )
+    if pp > 1:
+        # micro-batches of different lengths (packed sequences) through the pipeline: the stages
+        # exchange each one's shape first; megatron-core allows that with the all-to-all token
+        # dispatcher only, even for a dense model
+        kw.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     if arch.is_moe:
         kw.update(_moe_config(arch, ep))
     kw.update(platform.transformer_config_overrides())
@@ -168,12 +237,15 @@ class LocalRMSNorm:
 def _local_layer(arch: ModelArch, moe: bool):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    from megatron_gopd.models.packed_attention import PackedDotProductAttention
+
     kw = dict(num_experts=arch.num_experts, moe_grouped_gemm=False) if moe else {}
     layer = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm", **kw)
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = LocalRMSNorm
+    attn = sub.self_attention.submodules
+    attn.core_attention = PackedDotProductAttention  # packed (THD) micro-batches on CPU too
     if arch.qk_norm:
-        attn = sub.self_attention.submodules
         attn.q_layernorm = attn.k_layernorm = LocalRMSNorm
     if moe:
         # The local spec stores a dense layer's pre-MLP norm under Transformer Engine's fused name
@@ -396,18 +468,25 @@ def build_role(
     spec: str = "auto",
     seed: int = 1234,
     sequence_parallel: bool = False,
+    recompute: RecomputeConfig | None = None,
 ) -> RoleModel:
     """Build a role from a checkpoint (architecture read from it) or from ``arch`` (random init).
 
     ``sequence_parallel``: Megatron's sequence parallelism over the tensor-parallel group (the
     activations between layers are split along the sequence, whose length must then be a multiple
-    of TP: :attr:`RoleModel.sequence_multiple`)."""
+    of TP: :attr:`RoleModel.sequence_multiple`). ``recompute``: activation recomputation (trained
+    roles)."""
     ckpt_dir = None
     if checkpoint is not None:
         ckpt_dir = resolve_checkpoint(checkpoint)
         arch = read_checkpoint_meta(ckpt_dir).arch
     if arch is None:
         raise GopdError(f"role {name!r}: give a checkpoint or an architecture")
+    extra = {}
+    if recompute is not None and not frozen:
+        from megatron.core import parallel_state as ps
+
+        extra = recompute.overrides(arch, ps.get_pipeline_model_parallel_world_size())
     model = build_gpt(
         arch,
         params_dtype=params_dtype,
@@ -415,6 +494,7 @@ def build_role(
         seed=seed,
         initialize_weights=ckpt_dir is None,
         sequence_parallel=sequence_parallel,
+        **extra,
     )
     if ckpt_dir is not None:
         load_model_weights(model, ckpt_dir)

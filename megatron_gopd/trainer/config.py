@@ -46,6 +46,7 @@ from megatron_gopd.flags import (
 )
 from megatron_gopd.gopd import GOPDLossConfig, LossConfigError
 from megatron_gopd.gopd.config import FDIV_FLAG_GROUP as _FDIV_GROUP
+from megatron_gopd.models.build import RecomputeConfig
 from megatron_gopd.parallel import ParallelConfig
 from megatron_gopd.trainer.checkpointing import GROUP as CKPT_GROUP
 from megatron_gopd.trainer.checkpointing import CheckpointConfig
@@ -135,6 +136,7 @@ class TrainConfig:
 
     parallel: ParallelConfig
     models: ModelsConfig
+    recompute: RecomputeConfig
     routing: Routing
     loss: GOPDLossConfig
     data: DataConfig
@@ -143,7 +145,23 @@ class TrainConfig:
     checkpoint: CheckpointConfig
     eval: EvalConfig
     log: LogConfig
-    micro_batch_size: int = flag(1, group=_BATCHES, help="samples per forward pass")
+    micro_batch_size: int = flag(
+        1, group=_BATCHES, help="samples per forward pass (with --no-packing)"
+    )
+    max_tokens_per_microbatch: int | None = flag(
+        None,
+        group=_BATCHES,
+        help="token budget of a packed micro-batch: whole sequences laid end to end, no padding "
+        "between them, for the student update and every frozen role's scoring",
+        default_help="--micro-batch-size x (--max-prompt-len + --max-response-len)",
+    )
+    packing: bool = flag(
+        True,
+        name="--no-packing",
+        invert=True,
+        group=_BATCHES,
+        help="right-padded micro-batches of --micro-batch-size rows instead of packed ones",
+    )
     global_batch_size: int | None = flag(
         None,
         group=_BATCHES,
@@ -178,6 +196,7 @@ _SECTIONS = (
 )
 _COMPONENTS = (
     ModelsConfig,
+    RecomputeConfig,
     Routing,
     ParallelConfig,
     OptimConfig,
@@ -346,6 +365,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         args,
         parallel=_from_args(ParallelConfig, args),
         models=models,
+        recompute=_from_args(RecomputeConfig, args),
         routing=routing,
         loss=loss,
         data=data,
@@ -366,7 +386,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise GopdError("--train-iters must be >= 1")
     if cfg.eval.interval and not data.eval_prompt_data:
         raise GopdError("--eval-interval needs --eval-prompt-data")
-    return dataclasses.replace(cfg, global_batch_size=gbs)
+    longest = data.max_prompt_len + rollout.max_response_len
+    budget = cfg.max_tokens_per_microbatch or cfg.micro_batch_size * longest
+    if cfg.packing and budget < longest:
+        raise GopdError(
+            f"--max-tokens-per-microbatch {budget} cannot hold the longest sequence the run can "
+            f"produce: --max-prompt-len {data.max_prompt_len} + --max-response-len "
+            f"{rollout.max_response_len} = {longest} tokens"
+        )
+    return dataclasses.replace(cfg, global_batch_size=gbs, max_tokens_per_microbatch=budget)
 
 
 def check_world(cfg: TrainConfig, world_size: int) -> None:

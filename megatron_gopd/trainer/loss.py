@@ -124,10 +124,11 @@ def gopd_loss(
     mask_BS = label_mask(mb.response_mask_BS)
     lam_B = mb.lam_B.float()
     if isinstance(logits_BSV, OutputLayer):
-        if logits_BSV.hidden.shape[0] != labels_BS.numel():
+        rows = mb.packed.num_tokens if mb.packed is not None else labels_BS.numel()
+        if logits_BSV.hidden.shape[0] != rows:
             raise ValueError(
                 f"{logits_BSV.hidden.shape[0]} hidden rows do not match tokens "
-                f"{tuple(labels_BS.shape)}"
+                f"{tuple(labels_BS.shape)} ({rows} rows expected)"
             )
     elif logits_BSV.shape[:2] != labels_BS.shape:
         raise ValueError(
@@ -141,7 +142,7 @@ def gopd_loss(
     extra: dict[str, torch.Tensor] = {}
     if isinstance(logits_BSV, OutputLayer):
         logp_BS, entropy_BS, obj = _from_output_layer(
-            logits_BSV, labels_BS, lam_B, cfg, tp_group, teacher_logits_BSV, ref_logits_BSV
+            logits_BSV, mb, labels_BS, lam_B, cfg, tp_group, teacher_logits_BSV, ref_logits_BSV
         )
     else:
         logp_BS, entropy_BS, obj = _from_logits(
@@ -229,28 +230,49 @@ def _from_logits(logits_BSV, labels_BS, lam_B, cfg, tp_group, vocab_size, teache
     return obj.student_logprobs, obj.entropy, obj
 
 
-def _from_output_layer(student, labels_BS, lam_B, cfg, tp_group, teacher, ref):
-    """The same from the student's output layer, fp32 logits one chunk of tokens at a time."""
+def _from_output_layer(student, mb, labels_BS, lam_B, cfg, tp_group, teacher, ref):
+    """The same from the student's output layer, fp32 logits one chunk of tokens at a time.
+
+    The output layer's rows are the model's tokens: the ``[B, S]`` positions row by row, or, for
+    a packed micro-batch, the packed sequences; per-row results are then gathered into the
+    ``[B, S]`` layout (``mb.row_BS``), through which the gradient flows back to the packed rows."""
     shape = labels_BS.shape
     chunk = cfg.chunk_elements_for(student.hidden.device)
+    if mb.packed is not None:
+        target_N = mb.packed.labels_1T().reshape(-1)
+        row_BS = mb.row_BS
+        lam_N = torch.zeros(target_N.shape, dtype=torch.float32, device=target_N.device)
+        real = torch.arange(shape[1], device=row_BS.device) < mb.seq_lens_B.unsqueeze(-1)
+        lam_N[row_BS[real]] = lam_B.unsqueeze(-1).expand(shape)[real]
+
+        def to_BS(x):
+            return x[row_BS]
+
+    else:
+        target_N = labels_BS.reshape(-1)
+        lam_N = lam_B.unsqueeze(-1).expand(shape).reshape(-1)
+
+        def to_BS(x):
+            return x.view(shape)
+
     if cfg.estimator == "sampled":
         lp, ent = output_layer_logprobs(
-            student, labels_BS.reshape(-1), tp_group, with_entropy=True, chunk_elements=chunk
+            student, target_N, tp_group, with_entropy=True, chunk_elements=chunk
         )
-        return lp.view(shape), ent.view(shape), None
+        return to_BS(lp), to_BS(ent), None
     if not isinstance(teacher, FrozenLogits) or not (ref is None or isinstance(ref, FrozenLogits)):
         raise ValueError("an OutputLayer student needs FrozenLogits for the teacher and reference")
     obj = output_layer_gopd_objective(
         student,
         teacher,
-        labels_BS.reshape(-1),
-        lam_B.unsqueeze(-1).expand(shape).reshape(-1),
+        target_N,
+        lam_N,
         tp_group,
         ref=ref,
         top_k=cfg.top_k if cfg.estimator == "top_k" else None,
         chunk_elements=chunk,
     )
-    obj = GOPDObjective(*(o.view(shape) for o in obj))
+    obj = GOPDObjective(*(to_BS(o) for o in obj))
     return obj.student_logprobs, obj.entropy, obj
 
 

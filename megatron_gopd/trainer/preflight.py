@@ -64,6 +64,7 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
         if path:
             check_writable(path, flag, directory=True)
     student = read_checkpoint_meta(resolve_checkpoint(cfg.models.student_load)).arch
+    cfg.recompute.overrides(student, cfg.parallel.pp)  # the recompute flags fit the student
     if student.is_moe:
         raise GopdError(
             f"the student {cfg.models.student_load} is a mixture-of-experts model "
@@ -132,8 +133,12 @@ def check_memory(cfg, routing: DomainRouting, world_size: int) -> None:
         dp=max(world_size // (par.tp * par.pp), 1),
         sequence_parallel=par.sequence_parallel,
     )
-    # one micro-batch of the longest sequences the data and the rollouts allow
-    tokens = cfg.micro_batch_size * (cfg.data.max_prompt_len + cfg.rollout.max_response_len)
+    # one micro-batch: the packing budget, or rows of the longest sequences the run allows
+    tokens = (
+        cfg.max_tokens_per_microbatch
+        if cfg.packing
+        else cfg.micro_batch_size * (cfg.data.max_prompt_len + cfg.rollout.max_response_len)
+    )
     common = dict(bf16=cfg.models.bf16, tokens=tokens)
 
     def estimate(name, path, trainable):

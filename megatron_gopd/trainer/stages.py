@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_gopd import parallel
+from megatron_gopd import packing, parallel
 from megatron_gopd.models.build import (
     RoleModel,
     build_role,
@@ -37,7 +37,7 @@ from megatron_gopd.models.build import (
 )
 from megatron_gopd.models.checkpoint import CheckpointMeta, read_checkpoint_meta, resolve_checkpoint
 from megatron_gopd.scoring import score_sequences
-from megatron_gopd.trainer import checkpointing
+from megatron_gopd.trainer import checkpointing, distribute
 from megatron_gopd.trainer.config import TrainConfig, check_world
 from megatron_gopd.trainer.data import Prompt, PromptDataset, PromptIterator
 from megatron_gopd.trainer.preflight import check_memory, load_tokenizer, validate_inputs
@@ -47,8 +47,8 @@ from megatron_gopd.trainer.tracking import (
     format_step_line,
     sum_reports,
 )
-from megatron_gopd.trainer.update import build_optimizer, collate, train_step
-from megatron_gopd.types import Sample
+from megatron_gopd.trainer.update import build_optimizer, collate, collate_packed, train_step
+from megatron_gopd.types import PackedSeqs, Sample
 from megatron_gopd.utils import GopdError, get_logger
 from megatron_gopd.vocab_parallel.output_layer import FrozenLogits, OutputLayer
 
@@ -113,6 +113,7 @@ class GOPDTrainer:
                 spec=cfg.models.transformer_impl,
                 seed=cfg.seed,
                 sequence_parallel=cfg.parallel.sequence_parallel,
+                recompute=cfg.recompute,
             )
             if frozen:
                 roles[key] = r
@@ -181,17 +182,45 @@ class GOPDTrainer:
         ps = _ps()
         return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
-    def _my_share(self, samples: list[Sample]) -> list[Sample]:
-        rank, size = self.dp
-        return samples[rank::size]
+    def _distribute(self, samples: list[Sample] | None, *, updates: int | None):
+        """Rank 0's ``samples`` -> this data-parallel replica's share (each replica receives only
+        its own: :mod:`megatron_gopd.trainer.distribute`), and its layout.
+
+        Packed training (``updates``: the updates of this step): per update, the samples are
+        split over the replicas by tokens and into as many token-budget micro-batches on every
+        replica (:func:`megatron_gopd.packing.plan`); the layout is the micro-batch sizes per
+        update, in the order of the share. Otherwise shares are balanced by tokens (packed
+        evaluation) or dealt round-robin (padded), and the layout is None."""
+        cfg = self.cfg
+        _, dp = self.dp
+        shares = layouts = None
+        if parallel.is_rank0():
+            lengths = [len(s.tokens) for s in samples]
+            layouts = [None] * dp
+            if not cfg.packing:
+                shares = [samples[r::dp] for r in range(dp)]
+            elif updates is None:
+                shares = [[samples[i] for i in p] for p in packing.balanced_partition(lengths, dp)]
+            else:
+                per = len(samples) // updates
+                shares, layouts = [[] for _ in range(dp)], [[] for _ in range(dp)]
+                for u in range(updates):
+                    plan = packing.plan(
+                        lengths[u * per : (u + 1) * per], cfg.max_tokens_per_microbatch, dp
+                    )
+                    for r in range(dp):
+                        layouts[r].append([len(mb) for mb in plan[r]])
+                        shares[r].extend(samples[u * per + i] for mb in plan[r] for i in mb)
+        return distribute.scatter_samples(shares, layouts)
 
     # ------------------------------------------------------------------ stages
 
     def generate(
         self, prompts: list[Prompt], *, n: int, seed: int, temperature: float | None = None
-    ) -> list[Sample]:
-        """Student responses to ``prompts`` (rank 0 asks the servers; every rank gets them).
-        Colocated servers get the GPUs for the duration (``serving``)."""
+    ) -> list[Sample] | None:
+        """Student responses to ``prompts`` on rank 0 (it asks the servers; None elsewhere:
+        :meth:`_distribute` sends each rank its share). Colocated servers get the GPUs for the
+        duration (``serving``); a rank-0 error is raised on every rank."""
         samples, error = None, None
         with self.rollout.serving(self.student):
             if parallel.is_rank0():
@@ -200,25 +229,28 @@ class GOPDTrainer:
                 except GopdError as e:
                     error = str(e)
         parallel.raise_rank0_error(error)
-        return parallel.broadcast_object(samples)
+        return samples
 
     def rollout_step(self, step: int) -> list[Sample]:
         prompts = self.data.next(self.cfg.rollout.rollout_batch_size)
         samples = self.generate(
             prompts, n=self.cfg.rollout.n_samples_per_prompt, seed=self.cfg.seed * 100003 + step
         )
-        return self._my_share(samples)
+        mine, self._layout = self._distribute(samples, updates=self.cfg.updates_per_step)
+        return mine
 
     def _response_logprobs(
         self, role: RoleModel, samples: list[Sample], temperature: float
     ) -> list[torch.Tensor]:
         """``role``'s log-probs at ``temperature`` of each sample's response tokens (samples with
         a response)."""
+        cfg = self.cfg
         lps = score_sequences(
             role,
             [s.tokens for s in samples],
-            micro_batch_size=self.cfg.micro_batch_size,
+            micro_batch_size=cfg.micro_batch_size,
             temperature=temperature,
+            max_tokens=cfg.max_tokens_per_microbatch if cfg.packing else None,
         )
         return [
             lp[len(s.prompt_ids) - 1 : len(s.prompt_ids) - 1 + s.response_len]
@@ -306,16 +338,22 @@ class GOPDTrainer:
         per_update = cfg.global_batch_size // dp
         reports, stats, skipped = [], {}, 0.0
         frozen = self._frozen_logits if cfg.loss.estimator != "sampled" else None
+        how = dict(
+            domains=self.routing.domains,
+            lam_of=lambda d: self.routing[d].lam,
+            with_ref=self.routing.needs_reference,
+            sequence_multiple=self.student.sequence_multiple,
+        )
+        at = 0
         for u in range(cfg.updates_per_step):
-            part = samples[u * per_update : (u + 1) * per_update]
-            batch = collate(
-                part,
-                domains=self.routing.domains,
-                lam_of=lambda d: self.routing[d].lam,
-                with_ref=self.routing.needs_reference,
-                pad_rows_to=cfg.micro_batch_size,
-                sequence_multiple=self.student.sequence_multiple,
-            )
+            if cfg.packing:  # this replica's micro-batches of update u, as planned on rank 0
+                batch = []
+                for n in self._layout[u]:
+                    batch.append(collate_packed(samples[at : at + n], **how))
+                    at += n
+            else:
+                part = samples[u * per_update : (u + 1) * per_update]
+                batch = collate(part, pad_rows_to=cfg.micro_batch_size, **how)
             r, stats = train_step(
                 self.opt,
                 batch,
@@ -341,31 +379,64 @@ class GOPDTrainer:
         domain's teacher (and reference) at their scoring temperatures. Their fp32 logits are made
         chunk by chunk inside the loss, never for the whole micro-batch."""
         B, S = mb.tokens_BS.shape
-        pos = torch.arange(S, device=mb.tokens_BS.device).unsqueeze(0).expand_as(mb.tokens_BS)
+        dev = mb.tokens_BS.device
+        pos = torch.arange(S, device=dev).unsqueeze(0).expand_as(mb.tokens_BS)
         routes = [self.routing[mb.domains[i]] for i in mb.domain_ids_B.tolist()]
-        cols = torch.arange(S, device=pos.device)
+        cols = torch.arange(S, device=dev)
+        packed = mb.packed
+
+        def run(role, rows):
+            """The role's final hidden states for micro-batch rows ``rows`` and the token rows
+            (of the micro-batch's own layout) they stand for."""
+            if packed is None:
+                with final_hidden_states(role.model):
+                    hidden = role.model(mb.tokens_BS[rows], pos[rows], None)
+                return hidden, (rows.unsqueeze(1) * S + cols).reshape(-1), len(rows) * S
+            # a pack of its own sequences; the micro-batch's tail padding rides with the first role
+            idx = rows.tolist()
+            seqs = [
+                packed.tokens_1T[0, packed.starts[i] : packed.starts[i] + packed.lengths[i]]
+                for i in idx
+            ]
+            spans = [
+                torch.arange(packed.starts[i], packed.starts[i] + packed.lengths[i]) for i in idx
+            ]
+            used = sum(packed.lengths)
+            if tail_owner[0] is None and packed.num_tokens > used:
+                tail_owner[0] = role
+                seqs.append(torch.zeros(packed.num_tokens - used, dtype=torch.long, device=dev))
+                spans.append(torch.arange(used, packed.num_tokens))
+            sub = PackedSeqs.of([s.tolist() for s in seqs], self.student.sequence_multiple, dev)
+            with final_hidden_states(role.model):
+                hidden = role.model(sub.tokens_1T, None, None, packed_seq_params=sub.params())
+            n = sum(len(x) for x in spans)
+            return hidden, torch.cat(spans).to(dev), n
+
+        tail_owner = [None]
 
         def by_row(roles, key_of, temperature):
             parts, index = [], []
+            tail_owner[0] = None
             for k in sorted({key_of(r) for r in routes} - {None}):
-                rows = torch.tensor(
-                    [i for i, r in enumerate(routes) if key_of(r) == k], device=pos.device
-                )
+                rows = torch.tensor([i for i, r in enumerate(routes) if key_of(r) == k], device=dev)
                 role = roles[k]
                 # held on the device by update() for the whole phase (its backward reads the
                 # output weight again): this block does not move it
-                with role.in_use(), final_hidden_states(role.model):
-                    hidden = role.model(mb.tokens_BS[rows], pos[rows], None)
+                with role.in_use():
+                    out = run(role, rows)
+                hidden_rows = output_rows(role.model, out[0], grad=False)
+                hidden_rows = hidden_rows[: out[2]]  # not the sub-pack's own tail padding
                 parts.append(
                     OutputLayer(
-                        output_rows(role.model, hidden, grad=False),
+                        hidden_rows,
                         output_weight(role.model),
                         role.arch.vocab_size,
                         temperature=temperature,
                     )
                 )
-                index.append((rows.unsqueeze(1) * S + cols).reshape(-1))  # its token rows
-            return FrozenLogits(tuple(parts), tuple(index), B * S)
+                index.append(out[1])  # its token rows
+            n_rows = B * S if packed is None else packed.num_tokens
+            return FrozenLogits(tuple(parts), tuple(index), n_rows)
 
         models = self.cfg.models
         teacher = by_row(self.teachers, lambda r: r.teacher, models.teacher_temperature)
@@ -447,7 +518,7 @@ class GOPDTrainer:
             samples = self.generate(
                 self.eval_prompts, n=self.cfg.eval.n_samples, seed=self.cfg.seed + 7
             )
-            mine = self._my_share(samples)
+            mine, _ = self._distribute(samples, updates=None)
             answered = [s for s in mine if s.response_len > 0]
             student_lps = (
                 self._response_logprobs(self.student, answered, self.cfg.rollout.temperature)
@@ -455,7 +526,9 @@ class GOPDTrainer:
                 else []
             )
             self.score_teachers(mine)
-            acc = torch.zeros(4, dtype=torch.float64)  # sum of log-ratios, tokens, correct, graded
+            # sum of log-ratios, tokens, correct, graded, samples
+            acc = torch.zeros(5, dtype=torch.float64)
+            acc[4] = len(mine)
             for s, lp in zip(answered, student_lps, strict=True):
                 acc[0] += (lp - s.teacher_logprobs_T).sum().item()
                 acc[1] += s.response_len
@@ -469,7 +542,7 @@ class GOPDTrainer:
         out = {"eval/reverse_kl": (acc[0] / acc[1]).item() if acc[1] else float("nan")}
         if acc[3]:
             out["eval/accuracy"] = (acc[2] / acc[3]).item()
-        out["eval/response_len"] = acc[1].item() / max(len(samples), 1)
+        out["eval/response_len"] = acc[1].item() / max(acc[4].item(), 1)
         return out
 
     def _correct(self, response: str, answer: str) -> bool:

@@ -22,7 +22,7 @@ import torch
 
 from megatron_gopd import parallel
 from megatron_gopd.flags import flag
-from megatron_gopd.types import RolloutBatch, Sample
+from megatron_gopd.types import PackedSeqs, RolloutBatch, Sample
 from megatron_gopd.utils import get_logger
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "Optimizer",
     "build_optimizer",
     "collate",
+    "collate_packed",
     "skip_non_finite_updates",
     "student_loss",
     "train_step",
@@ -126,6 +127,30 @@ def collate(
         domains=list(domains),
         seq_lens_B=lens,
     )
+
+
+def collate_packed(
+    samples: list[Sample],
+    *,
+    domains: list[str],
+    lam_of,
+    with_ref: bool,
+    sequence_multiple: int = 1,
+    pad_to_multiple: int = 8,
+) -> RolloutBatch:
+    """One packed micro-batch: the model runs on ``samples`` laid end to end
+    (:class:`~megatron_gopd.types.PackedSeqs`, no padding between them, ``T`` a multiple of
+    ``pad_to_multiple`` and of the model's ``sequence_multiple``); the loss reads the per-token
+    values in the usual ``[B, S]`` layout (:func:`collate`). An empty list (a data-parallel rank
+    with fewer micro-batches' worth of samples) gives one all-masked two-token sequence."""
+    batch = collate(samples, domains=domains, lam_of=lam_of, with_ref=with_ref)
+    sequences = [s.tokens for s in samples] or [[0, 0]]
+    if not samples:
+        batch.seq_lens_B[:] = 2
+    packed = PackedSeqs.of(sequences, math.lcm(pad_to_multiple, sequence_multiple))
+    batch.packed = packed
+    batch.row_BS = packed.row_index_BS(batch.tokens_BS.shape[1])
+    return batch
 
 
 @dataclass
@@ -227,15 +252,17 @@ def skip_non_finite_updates(optimizer) -> None:
 
 def train_step(
     opt: Optimizer,
-    batch: RolloutBatch,
+    batch: RolloutBatch | list[RolloutBatch],
     *,
-    micro_batch_size: int,
+    micro_batch_size: int = 1,
     loss_cfg,
     vocab_size: int,
     temperature: float = 1.0,
     frozen_logits=None,
 ) -> tuple[list[dict], dict[str, float]]:
-    """One optimizer step on ``batch`` (this data-parallel rank's share).
+    """One optimizer step on ``batch`` (this data-parallel rank's share): a padded batch cut into
+    micro-batches of ``micro_batch_size`` rows, or a list of packed micro-batches
+    (:func:`collate_packed`; every data-parallel rank must pass as many).
 
     The student's log-probs are those of ``softmax(logits / temperature)`` (the sampling
     temperature: the policy the rollouts came from), with fp32 logits made chunk by chunk from the
@@ -252,14 +279,19 @@ def train_step(
     from megatron_gopd.models.build import final_hidden_states
 
     device = platform.device()
-    rows, S = batch.tokens_BS.shape
-    if rows % micro_batch_size:
-        raise ValueError(
-            f"batch of {rows} rows is not a multiple of micro batch {micro_batch_size}"
-        )
-    micro = [
-        batch.slice(a, a + micro_batch_size).to(device) for a in range(0, rows, micro_batch_size)
-    ]
+    if isinstance(batch, list):
+        micro = [mb.to(device) for mb in batch]
+        micro_batch_size, S = 1, max(mb.packed.num_tokens for mb in micro)
+    else:
+        rows, S = batch.tokens_BS.shape
+        if rows % micro_batch_size:
+            raise ValueError(
+                f"batch of {rows} rows is not a multiple of micro batch {micro_batch_size}"
+            )
+        micro = [
+            batch.slice(a, a + micro_batch_size).to(device)
+            for a in range(0, rows, micro_batch_size)
+        ]
     tp_group = (
         ps.get_tensor_model_parallel_group()
         if ps.get_tensor_model_parallel_world_size() > 1
@@ -270,7 +302,12 @@ def train_step(
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         with final_hidden_states(model):
-            hidden_SBH = model(mb.tokens_BS, position_ids, None)
+            if mb.packed is not None:
+                hidden_SBH = model(
+                    mb.packed.tokens_1T, None, None, packed_seq_params=mb.packed.params()
+                )
+            else:
+                hidden_SBH = model(mb.tokens_BS, position_ids, None)
         extra = {}
         if frozen_logits is not None and ps.is_pipeline_last_stage():
             extra["teacher_logits_BSV"], extra["ref_logits_BSV"] = frozen_logits(mb)
