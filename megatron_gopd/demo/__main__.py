@@ -1,6 +1,6 @@
 """The CPU demo: a lambda sweep of G-OPD (OPD and ExOPD) over seeds, end to end, on 2 CPU cores.
 
-    python -m megatron_gopd.demo            # the sweep (~8 minutes on 2 CPU cores, after install)
+    python -m megatron_gopd.demo            # the sweep (~5 minutes on 2 CPU cores, after install)
     python -m megatron_gopd.demo --quick    # two short runs (what CI runs), ~1 minute
 
 1. Makes a character tokenizer, the student's base and the teacher (``demo/task.py``): one small
