@@ -26,6 +26,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "destroy",
+    "first_rank",
     "init_distributed",
     "initialize",
     "is_rank0",
@@ -197,6 +198,13 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def first_rank(group=None) -> int:
+    """The global rank of the first rank of ``group`` (0 without torch.distributed)."""
+    if not dist.is_initialized():
+        return 0
+    return dist.get_process_group_ranks(group or dist.group.WORLD)[0]
 
 
 def raise_rank0_error(error: str | None) -> None:

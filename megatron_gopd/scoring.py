@@ -97,6 +97,26 @@ def _pad_batch(seqs: Sequence[Sequence[int]], length: int, device) -> torch.Tens
 
 
 @torch.no_grad()
+def _lockstep_pad(batches: list, dummy, group, device) -> None:
+    """Expert parallelism: the MoE layers exchange tokens with all-to-alls over the expert group,
+    whose ranks score different sequences; every rank must run as many forward passes as the
+    busiest one, so the others add ``dummy`` micro-batches (no real rows)."""
+    n = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    batches += [dummy] * (int(n.item()) - len(batches))
+
+
+def _progress_bar(progress: bool, total: int, name: str):
+    """A bar over the sequences scored, on the one rank that reports (last stage, TP rank 0)."""
+    from megatron.core import parallel_state as ps
+
+    if not (progress and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"scoring ({name})", unit="seq", leave=False)
+
+
 def score_sequences(
     role,
     sequences: Sequence[Sequence[int]],
@@ -169,20 +189,11 @@ def score_sequences(
         tokens = _pad_batch(chunk, seq_len, device)
         batches.append((tokens, n_real))
     if lockstep is not None:
-        # Expert parallelism: the MoE layers exchange tokens with all-to-alls over the expert
-        # group, whose ranks score different sequences; every rank must run as many forward
-        # passes as the busiest one, so the others add all-padding micro-batches (0 real rows).
-        n = torch.tensor([len(batches)], device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=lockstep)
         dummy = torch.zeros((micro_batch_size, seq_len), dtype=torch.long, device=device)
-        batches += [(dummy, 0)] * (int(n.item()) - len(batches))
+        _lockstep_pad(batches, (dummy, 0), lockstep, device)
         if not batches:
             return [] if broadcast or ps.is_pipeline_last_stage() else None
-    bar = None
-    if progress and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(sequences), desc=f"scoring ({role.name})", unit="seq", leave=False)
+    bar = _progress_bar(progress, len(sequences), role.name)
 
     def forward_step(data_iterator, model):
         tokens, n_real = next(data_iterator)
@@ -263,18 +274,11 @@ def _score_packed(
     bins = [sorted(b) for b in bins]
     batches = [(PackedSeqs.of([sequences[i] for i in b], multiple, device), b) for b in bins]
     lockstep = role.lockstep_group
-    if lockstep is not None:  # expert parallelism: as many forward passes as the busiest rank
-        n = torch.tensor([len(batches)], device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=lockstep)
-        dummy = (PackedSeqs.of([[0, 0]], multiple, device), [])
-        batches += [dummy] * (int(n.item()) - len(batches))
+    if lockstep is not None:
+        _lockstep_pad(batches, (PackedSeqs.of([[0, 0]], multiple, device), []), lockstep, device)
     if not batches:
         return [] if broadcast or ps.is_pipeline_last_stage() else None
-    bar = None
-    if progress and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(sequences), desc=f"scoring ({role.name})", unit="seq", leave=False)
+    bar = _progress_bar(progress, len(sequences), role.name)
 
     def forward_step(data_iterator, model):
         pack, idx = next(data_iterator)

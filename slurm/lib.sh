@@ -134,6 +134,22 @@ gopd_defaults() {
     ROLLOUT_URLS_FLAG=--rollout-urls
     ROLLOUT_ENGINE=sglang
     ROLLOUT_AUTH=1
+    # A teacher and a reference served by SGLang on nodes of their own (the trainer gets
+    # --teacher-urls / --ref-urls); these nodes follow the rollout nodes in the allocation
+    TEACHER_NODES=0
+    TEACHER_MODEL=""
+    TEACHER_GPUS_PER_SERVER=8
+    TEACHER_SERVERS_PER_NODE=""
+    TEACHER_SERVER_ARGS=()
+    TEACHER_PORT=31000
+    TEACHER_DOMAIN=""
+    REF_NODES=0
+    REF_MODEL=""
+    REF_GPUS_PER_SERVER=8
+    REF_SERVERS_PER_NODE=""
+    REF_SERVER_ARGS=()
+    REF_PORT=32000
+    REF_DOMAIN=""
 }
 
 gopd_apply_sets() {
@@ -183,7 +199,8 @@ gopd_validate() {
     local v
     for v in NODES GPUS_PER_NODE ROLLOUT_NODES ROLLOUT_GPUS_PER_SERVER ROLLOUT_PORT \
         ROLLOUT_PORT_STRIDE ROLLOUT_HEALTH_TIMEOUT MAX_REQUEUES TIME_LIMIT_WARNING \
-        SITE_SHARED_HOST_PORT_OFFSET ROLLOUT_AUTH; do
+        SITE_SHARED_HOST_PORT_OFFSET ROLLOUT_AUTH TEACHER_NODES TEACHER_GPUS_PER_SERVER \
+        TEACHER_PORT REF_NODES REF_GPUS_PER_SERVER REF_PORT; do
         gopd_is_uint "${!v}" || gopd_die "$v=${!v}: expected a non-negative integer"
     done
     ((NODES >= 1)) || gopd_die "NODES must be at least 1"
@@ -229,6 +246,22 @@ gopd_validate() {
     case $ROLLOUT_ENGINE in sglang | cpu) ;;
         *) gopd_die "ROLLOUT_ENGINE=$ROLLOUT_ENGINE: expected sglang or cpu" ;;
     esac
+    local kind n_var g_var m_var s_var
+    for kind in TEACHER REF; do
+        n_var=${kind}_NODES g_var=${kind}_GPUS_PER_SERVER m_var=${kind}_MODEL
+        s_var=${kind}_SERVERS_PER_NODE
+        ((${!n_var})) || continue
+        [[ -n ${!m_var} ]] || gopd_die "$n_var=${!n_var}: set $m_var (the HF directory its servers load)"
+        ((${!g_var} >= 1)) || gopd_die "$g_var=${!g_var} must be >= 1"
+        if [[ -z ${!s_var} ]]; then
+            ((GPUS_PER_NODE % ${!g_var} == 0)) || gopd_die \
+                "$g_var=${!g_var} must divide GPUS_PER_NODE=$GPUS_PER_NODE"
+            printf -v "$s_var" '%d' $((GPUS_PER_NODE / ${!g_var}))
+        fi
+        if ! gopd_is_uint "${!s_var}" || ((${!s_var} < 1)); then
+            gopd_die "$n_var=${!n_var} needs at least one server per node ($s_var=${!s_var})"
+        fi
+    done
     gopd_validate_trainer
     return 0
 }
@@ -293,7 +326,7 @@ gopd_validate_trainer() {
 # GOPD_LOG_DIR and GOPD_ROLLOUT_URLS. node.sh gets the first three from the batch step through the
 # environment: inside a container there is no scontrol to ask.
 gopd_plan() {
-    local total=$((NODES + ROLLOUT_NODES)) i
+    local total=$((NODES + ROLLOUT_NODES + TEACHER_NODES + REF_NODES)) i
     GOPD_SIMULATED=0
     if [[ -n ${GOPD_PLAN_HOSTS:-} ]]; then
         read -r -a GOPD_HOSTS <<<"$GOPD_PLAN_HOSTS"
@@ -315,7 +348,8 @@ gopd_plan() {
         gopd_die "not inside a Slurm job (no SLURM_JOB_NODELIST): submit with slurm/submit.sh, or use --dry-run"
     fi
     ((${#GOPD_HOSTS[@]} >= total)) || gopd_die "the allocation has ${#GOPD_HOSTS[@]} node(s);" \
-        "the recipe needs NODES=$NODES + ROLLOUT_NODES=$ROLLOUT_NODES = $total"
+        "the recipe needs NODES=$NODES + ROLLOUT_NODES=$ROLLOUT_NODES + TEACHER_NODES=$TEACHER_NODES" \
+        "+ REF_NODES=$REF_NODES = $total"
     MASTER_ADDR=${GOPD_ADDRS[0]}
     # distinct per job, so two jobs sharing a node do not collide; below the ephemeral range
     MASTER_PORT=${MASTER_PORT:-$((20000 + GOPD_JOB_ID % 10000))}
@@ -327,6 +361,51 @@ gopd_plan() {
             GOPD_ROLLOUT_URLS+=("http://${GOPD_ADDRS[n]}:$(gopd_server_port "$n" "$j")")
         done
     done
+    GOPD_TEACHER_URLS=()
+    GOPD_REF_URLS=()
+    for n in $(gopd_served_nodes teacher); do
+        for ((j = 0; j < TEACHER_SERVERS_PER_NODE; j++)); do
+            GOPD_TEACHER_URLS+=("http://${GOPD_ADDRS[n]}:$(gopd_served_port teacher "$n" "$j")")
+        done
+    done
+    for n in $(gopd_served_nodes ref); do
+        for ((j = 0; j < REF_SERVERS_PER_NODE; j++)); do
+            GOPD_REF_URLS+=("http://${GOPD_ADDRS[n]}:$(gopd_served_port ref "$n" "$j")")
+        done
+    done
+}
+
+# Nodes after the training nodes that run servers (the rollout step): rollout, teacher, reference.
+gopd_server_step_nodes() { printf '%d\n' $((ROLLOUT_NODES + TEACHER_NODES + REF_NODES)); }
+
+# What node INDEX runs: train, rollout, teacher or ref.
+gopd_node_kind() {
+    local idx=$1
+    if ((idx < NODES)); then
+        echo train
+    elif ((idx < NODES + ROLLOUT_NODES)); then
+        echo rollout
+    elif ((idx < NODES + ROLLOUT_NODES + TEACHER_NODES)); then
+        echo teacher
+    else
+        echo ref
+    fi
+}
+
+# Indices (into GOPD_HOSTS) of the nodes serving KIND (teacher or ref).
+gopd_served_nodes() {
+    local first=$((NODES + ROLLOUT_NODES)) count=$TEACHER_NODES
+    if [[ $1 == ref ]]; then
+        first=$((first + TEACHER_NODES)) count=$REF_NODES
+    fi
+    ((count)) || return 0
+    seq "$first" $((first + count - 1))
+}
+
+gopd_served_port() {
+    local base=$TEACHER_PORT
+    [[ $1 == ref ]] && base=$REF_PORT
+    printf '%d\n' $((base + $3 * ROLLOUT_PORT_STRIDE + $2 * SITE_SHARED_HOST_PORT_OFFSET))
 }
 
 # The address other nodes use for HOST: the name itself when it resolves, else the NodeAddr
@@ -390,28 +469,70 @@ rollout_server_command() {
     CMD+=("${ROLLOUT_SERVER_ARGS[@]}")
 }
 
-# Writes the --config file of server J on node NODE with the job's key (not in a dry run).
+# The command of server J of the served KIND (teacher or ref) on node NODE, listening on PORT,
+# into the array CMD: prefill scoring only (no weight updates, no memory release), fp32 logits as
+# the trainer's hosted roles compute them. A recipe may redefine it, like rollout_server_command.
+served_server_command() {
+    local kind=$1 node=$2 j=$3 port=$4 module=sglang.launch_server
+    local model=$TEACHER_MODEL server_gpus=$TEACHER_GPUS_PER_SERVER extra=("${TEACHER_SERVER_ARGS[@]}")
+    if [[ $kind == ref ]]; then
+        model=$REF_MODEL server_gpus=$REF_GPUS_PER_SERVER extra=("${REF_SERVER_ARGS[@]}")
+    fi
+    [[ $ROLLOUT_ENGINE == cpu ]] && module=megatron_gopd.cpu_server # the CPU stand-in (CI)
+    CMD=("$SITE_PYTHON" -m "$module" --model-path "$model"
+        --host 0.0.0.0 --port "$port" --nccl-port $((port + 1))
+        --tp-size "$server_gpus" --base-gpu-id $((j * server_gpus))
+        --enable-fp32-lm-head)
+    if ((ROLLOUT_AUTH)); then
+        # --api-key GOPD_TEACHER_API_KEY (GOPD_REF_API_KEY), from a file only this user can read
+        CMD+=(--config "$(gopd_server_auth_file "$node" "$j")")
+    fi
+    CMD+=("${extra[@]}")
+}
+
+# The environment variable holding the API key of KIND's servers (rollout, teacher, ref).
+gopd_key_var() {
+    case $1 in
+        teacher) echo GOPD_TEACHER_API_KEY ;;
+        ref) echo GOPD_REF_API_KEY ;;
+        *) echo GOPD_ROLLOUT_API_KEY ;;
+    esac
+}
+
+# Writes the --config file of server J on node NODE with the job's key of KIND (default: the
+# rollout servers'), not in a dry run.
 gopd_write_server_auth() {
     ((ROLLOUT_AUTH)) && ((!DRY_RUN)) || return 0
-    local file
+    local file var
+    var=$(gopd_key_var "${3:-rollout}")
     file=$(gopd_server_auth_file "$1" "$2")
-    [[ -n ${GOPD_ROLLOUT_API_KEY:-} ]] || gopd_die "ROLLOUT_AUTH=1 but no GOPD_ROLLOUT_API_KEY" \
+    [[ -n ${!var:-} ]] || gopd_die "ROLLOUT_AUTH=1 but no $var" \
         "in the environment (the batch step makes one)"
     (
         umask 077
-        printf 'api-key: "%s"\n' "$GOPD_ROLLOUT_API_KEY" >"$file"
+        printf 'api-key: "%s"\n' "${!var}" >"$file"
     )
     GOPD_AUTH_FILES+=("$file")
 }
 
-# The batch step's key for this job's servers (unless the submitter exported one): the servers
-# read it from their --config files, the trainer from its environment.
+# The batch step's keys for this job's servers (unless the submitter exported them): one per kind
+# (rollout, teacher, reference); the servers read theirs from their --config files, the trainer
+# from its environment.
 gopd_make_api_key() {
-    ((ROLLOUT_AUTH)) && ((ROLLOUT_NODES + ROLLOUT_SERVERS_PER_NODE > 0)) || return 0
-    if [[ -z ${GOPD_ROLLOUT_API_KEY:-} ]]; then
-        GOPD_ROLLOUT_API_KEY=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
-    fi
-    export GOPD_ROLLOUT_API_KEY
+    ((ROLLOUT_AUTH)) || return 0
+    local kind var
+    for kind in rollout teacher ref; do
+        case $kind in
+            rollout) ((ROLLOUT_NODES + ROLLOUT_SERVERS_PER_NODE > 0)) || continue ;;
+            teacher) ((TEACHER_NODES > 0)) || continue ;;
+            ref) ((REF_NODES > 0)) || continue ;;
+        esac
+        var=$(gopd_key_var "$kind")
+        if [[ -z ${!var:-} ]]; then
+            printf -v "$var" '%s' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+        fi
+        export "${var?}"
+    done
 }
 
 # Comment lines: how the trainer's weights reach server J on node NODE (the transport the
@@ -448,6 +569,13 @@ gopd_torchrun_command() {
     if ((${#GOPD_ROLLOUT_URLS[@]})); then
         CMD+=("$ROLLOUT_URLS_FLAG" "${GOPD_ROLLOUT_URLS[@]}")
     fi
+    local IFS=,
+    if ((${#GOPD_TEACHER_URLS[@]})); then
+        CMD+=(--teacher-urls "${TEACHER_DOMAIN:+$TEACHER_DOMAIN=}${GOPD_TEACHER_URLS[*]}")
+    fi
+    if ((${#GOPD_REF_URLS[@]})); then
+        CMD+=(--ref-urls "${REF_DOMAIN:+$REF_DOMAIN=}${GOPD_REF_URLS[*]}")
+    fi
 }
 
 # srun for one step of ROLE (train | rollout), into the array CMD.
@@ -456,7 +584,7 @@ gopd_srun_command() {
     if [[ $role == train ]]; then
         nodes=$NODES relative=0
     else
-        nodes=$ROLLOUT_NODES relative=$NODES
+        nodes=$(gopd_server_step_nodes) relative=$NODES
     fi
     # the step name lets the batch step find it again (squeue --steps) to signal it
     CMD=(srun --job-name="gopd-$role" --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1
@@ -478,7 +606,7 @@ gopd_srun_command() {
 
 # The sbatch command for this recipe and site, into the array CMD.
 gopd_sbatch_command() {
-    CMD=(sbatch --job-name="$JOB_NAME" --nodes=$((NODES + ROLLOUT_NODES)) --ntasks-per-node=1)
+    CMD=(sbatch --job-name="$JOB_NAME" --nodes=$((NODES + $(gopd_server_step_nodes))) --ntasks-per-node=1)
     if ((GPUS_PER_NODE > 0)); then
         case $SITE_GPU_REQUEST in
             gpus-per-node) CMD+=(--gpus-per-node="$GPUS_PER_NODE") ;;
@@ -518,9 +646,28 @@ gopd_node_main() {
             ((DRY_RUN)) && gopd_print_weight_sync "$idx" "$j"
         done
     fi
+    local kind mine=()
+    kind=$(gopd_node_kind "$idx")
+    if [[ $kind == teacher || $kind == ref ]]; then
+        local per_node=$TEACHER_SERVERS_PER_NODE
+        [[ $kind == ref ]] && per_node=$REF_SERVERS_PER_NODE
+        for ((j = 0; j < per_node; j++)); do
+            port=$(gopd_served_port "$kind" "$idx" "$j")
+            served_server_command "$kind" "$idx" "$j" "$port"
+            gopd_write_server_auth "$idx" "$j" "$kind"
+            gopd_start_bg "$GOPD_LOG_DIR/node$idx-$host-$kind-server$j.log" "${CMD[@]}"
+            GOPD_SERVER_PIDS+=("$GOPD_LAST_PID")
+            mine+=("http://${GOPD_ADDRS[idx]}:$port")
+        done
+        ((DRY_RUN)) && printf '#   frozen %s: prefill scoring only, no weight sync\n' "$kind"
+    fi
     if [[ $role == train ]]; then
         if ((${#GOPD_ROLLOUT_URLS[@]})); then
             gopd_wait_healthy "${GOPD_ROLLOUT_URLS[@]}" || return 1
+        fi
+        if ((${#GOPD_TEACHER_URLS[@]} + ${#GOPD_REF_URLS[@]})); then
+            GOPD_WAIT_WHAT="teacher/reference" gopd_wait_healthy \
+                "${GOPD_TEACHER_URLS[@]}" "${GOPD_REF_URLS[@]}" || return 1
         fi
         gopd_torchrun_command "$idx"
         gopd_start_bg "" "${CMD[@]}"
@@ -531,13 +678,14 @@ gopd_node_main() {
         rc=$GOPD_NODE_STATUS
         gopd_log "node $idx ($host): torchrun exited with status $rc"
     else
-        local mine=()
-        for ((j = 0; j < ROLLOUT_SERVERS_PER_NODE; j++)); do
-            mine+=("http://${GOPD_ADDRS[idx]}:$(gopd_server_port "$idx" "$j")")
-        done
-        gopd_wait_healthy "${mine[@]}" || return 1
+        if [[ $kind == rollout ]]; then
+            for ((j = 0; j < ROLLOUT_SERVERS_PER_NODE; j++)); do
+                mine+=("http://${GOPD_ADDRS[idx]}:$(gopd_server_port "$idx" "$j")")
+            done
+        fi
+        GOPD_WAIT_WHAT=$kind gopd_wait_healthy "${mine[@]}" || return 1
         ((DRY_RUN)) && return 0
-        gopd_log "node $idx ($host): ${#mine[@]} rollout server(s) up; serving until the job stops them"
+        gopd_log "node $idx ($host): ${#mine[@]} $kind server(s) up; serving until the job stops them"
         gopd_wait_node
         rc=$GOPD_NODE_STATUS
     fi
@@ -609,12 +757,12 @@ gopd_start_bg() {
 # server of this node has exited (no point waiting for it), or when the node is being stopped.
 gopd_wait_healthy() {
     if ((DRY_RUN)); then
-        printf '# wait (at most %s s) until GET <url>%s answers for each of these %d rollout server(s)\n' \
-            "$ROLLOUT_HEALTH_TIMEOUT" "$ROLLOUT_HEALTH_PATH" "$#"
+        printf '# wait (at most %s s) until GET <url>%s answers for each of these %d %s server(s)\n' \
+            "$ROLLOUT_HEALTH_TIMEOUT" "$ROLLOUT_HEALTH_PATH" "$#" "${GOPD_WAIT_WHAT:-rollout}"
         return 0
     fi
     local pending=("$@") still u pid deadline=$((SECONDS + ROLLOUT_HEALTH_TIMEOUT))
-    gopd_log "waiting for $# rollout server(s) to answer $ROLLOUT_HEALTH_PATH"
+    gopd_log "waiting for $# ${GOPD_WAIT_WHAT:-rollout} server(s) to answer $ROLLOUT_HEALTH_PATH"
     while ((${#pending[@]})); do
         still=()
         for u in "${pending[@]}"; do gopd_http_ok "$u$ROLLOUT_HEALTH_PATH" || still+=("$u"); done
@@ -788,6 +936,10 @@ gopd_print_plan() {
         colocated) printf ', %d server(s) on each training node' "$ROLLOUT_SERVERS_PER_NODE" ;;
         disaggregated) printf ', %d rollout node(s) x %d server(s)' "$ROLLOUT_NODES" "$ROLLOUT_SERVERS_PER_NODE" ;;
     esac
+    ((TEACHER_NODES)) && printf '; served teacher: %d node(s) x %d server(s) of %d GPU(s)' \
+        "$TEACHER_NODES" "$TEACHER_SERVERS_PER_NODE" "$TEACHER_GPUS_PER_SERVER"
+    ((REF_NODES)) && printf '; served reference: %d node(s) x %d server(s) of %d GPU(s)' \
+        "$REF_NODES" "$REF_SERVERS_PER_NODE" "$REF_GPUS_PER_SERVER"
     printf '\n'
     if ((GOPD_SIMULATED)); then
         printf '# (not in an allocation: hosts %s..%s and job id 0 stand in for it)\n' \
@@ -802,16 +954,19 @@ gopd_print_plan() {
         printf '# GOPD_ROLLOUT_API_KEY: a random key for this job, made here; the servers read it from\n'
         printf '# mode-600 --config files on their nodes, the trainer from its environment\n'
     fi
-    if ((ROLLOUT_NODES)); then
+    if ((ROLLOUT_AUTH && TEACHER_NODES + REF_NODES > 0)); then
+        printf '# GOPD_TEACHER_API_KEY / GOPD_REF_API_KEY: the same, for the served teacher / reference\n'
+    fi
+    if (($(gopd_server_step_nodes))); then
         gopd_srun_command rollout
         gopd_print_cmd "${CMD[@]}" "&"
     fi
     gopd_srun_command train
     gopd_print_cmd "${CMD[@]}"
-    for ((i = 0; i < NODES + ROLLOUT_NODES; i++)); do
+    for ((i = 0; i < NODES + $(gopd_server_step_nodes); i++)); do
         role=train
         ((i >= NODES)) && role=rollout
-        printf '\n## node %d (%s): %s; log %s\n' "$i" "${GOPD_HOSTS[i]}" "$role" \
+        printf '\n## node %d (%s): %s; log %s\n' "$i" "${GOPD_HOSTS[i]}" "$(gopd_node_kind "$i")" \
             "$GOPD_LOG_DIR/node$i-${GOPD_HOSTS[i]}.log"
         (gopd_node_main "$role" "$i")
     done

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # then run below).
 EXPECTED = [
     "python examples/evaluation/demo_report.py --out examples/evaluation/output",
+    "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-reward-correction-moe-hosted.sh",
+    "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-reward-correction-served.sh",
     "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-reward-correction.sh",
     "slurm/submit.sh --dry-run examples/exopd-qwen3-1.7b-strong-to-weak.sh",
     "slurm/submit.sh --dry-run examples/exopd-qwen3-4b-disaggregated.sh",
@@ -37,6 +39,8 @@ EXPECTED = [
     "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-disaggregated.sh",
     "python examples/tiny_cpu_prepare.py /tmp/tiny",
     "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-score.sh",
+    "python examples/tiny_cpu_prepare.py /tmp/tiny",
+    "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-served-teacher.sh",
     "python examples/tiny_cpu_prepare.py /tmp/tiny",
     "slurm/submit.sh --site slurm/ci/site.sh --set TINY_DIR=/tmp/tiny examples/tiny-cpu-train.sh",
     "python examples/tiny_cpu_prepare.py DIR",
@@ -101,7 +105,13 @@ def test_tiny_cpu_prepare_as_a_script(tiny):
 
 
 @pytest.mark.parametrize(
-    "recipe", ["tiny-cpu-score.sh", "tiny-cpu-train.sh", "tiny-cpu-disaggregated.sh"]
+    "recipe",
+    [
+        "tiny-cpu-score.sh",
+        "tiny-cpu-train.sh",
+        "tiny-cpu-disaggregated.sh",
+        "tiny-cpu-served-teacher.sh",
+    ],
 )
 def test_tiny_recipes_plan_on_the_prepared_directory(tiny, recipe):
     """The documented submission, as its dry run: the plan runs the entry point on the files

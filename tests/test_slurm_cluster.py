@@ -249,6 +249,33 @@ def test_disaggregated_run_across_two_network_namespaces(slurm_env, tmp_path, ti
     print(f"disaggregated CPU run: job {job}, {elapsed:.1f} s from sbatch to exit status")
 
 
+SERVED_RECIPE = ROOT / "examples" / "tiny-cpu-served-teacher.sh"
+
+
+def test_served_teacher_on_a_node_of_its_own(slurm_env, tmp_path, tiny):
+    """The teacher served by the CPU stand-in for SGLang on n2 (its own API key from a private
+    file), the trainer on n1 asking it for prefill log-probs over the network; the reference
+    (lambda 1.25) hosted. The run finishes, every step is logged and no weights go to n2."""
+    rc, out, job = finish(submit(slurm_env, tmp_path, SERVED_RECIPE, f"TINY_DIR={tiny}"), 300)
+    batch, nodes = job_logs(tmp_path, SERVED_RECIPE.stem, job)
+    everything = out + batch + "".join(nodes.values())
+    assert rc == 0, everything
+    assert sorted(nodes) == ["node0-n1.log", "node1-n2-teacher-server0.log", "node1-n2.log"]
+    trainer, server = nodes["node0-n1.log"], nodes["node1-n2-teacher-server0.log"]
+    addrs = subprocess.check_output(["scontrol", "show", "node", "-o"], env=slurm_env, text=True)
+    n2 = re.search(r"NodeName=n2 .*?NodeAddr=(\S+)", addrs).group(1)
+    assert f"--teacher-urls http://{n2}:31000" in trainer
+    assert f"teacher served by http://{n2}:31000, lambda 1.25, reference " in trainer
+    assert "Traceback" not in server and "update_weights" not in server, server
+    metrics = [
+        json.loads(line)
+        for line in (tiny / "run-served" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert all(m["counters/reference_sequences"] > 0 for m in metrics[1:])
+    assert metrics[-1]["eval/reverse_kl"] < metrics[0]["eval/reverse_kl"]
+
+
 # ---------------------------------------------------------------------------------- failure
 
 

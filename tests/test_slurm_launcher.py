@@ -88,6 +88,85 @@ def test_dry_run_of_a_4_node_gpu_job_is_the_golden_one():
     assert text == GOLDEN.read_text()
 
 
+LARGE_TEACHER_GOLDEN = {
+    "exopd-qwen3-1.7b-reward-correction-served.sh": GOLDEN.parent
+    / "dryrun-exopd-qwen3-1.7b-reward-correction-served.txt",
+    "exopd-qwen3-1.7b-reward-correction-moe-hosted.sh": GOLDEN.parent
+    / "dryrun-exopd-qwen3-1.7b-reward-correction-moe-hosted.txt",
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(LARGE_TEACHER_GOLDEN))
+def test_dry_runs_of_the_large_teacher_recipes_are_the_golden_ones(recipe):
+    text = gpu_dry_run(f"examples/{recipe}")
+    golden = LARGE_TEACHER_GOLDEN[recipe]
+    if os.environ.get("GOPD_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def _trainer_config(text: str):
+    import shlex
+
+    from megatron_gopd.trainer.config import build_config, parse_args
+
+    (torchrun,) = commands(node_sections(text)[0], "python -m torch.distributed.run")
+    return build_config(parse_args(shlex.split(torchrun.split("-m megatron_gopd.train", 1)[1])))
+
+
+def test_served_teacher_and_reference_run_on_nodes_of_their_own():
+    """Qwen3-30B-A3B teacher and its base on SGLang nodes of their own (2 servers of TP 4 / EP 4
+    each), the 1.7B student trained on one node with colocated rollouts; the trainer gets their
+    URLs, and no weights ever go to them."""
+    text = gpu_dry_run("examples/exopd-qwen3-1.7b-reward-correction-served.sh")
+    assert "--nodes=3" in commands(text, "sbatch")[0]
+    server_srun, train_srun = commands(text, "srun")
+    assert "--job-name=gopd-rollout" in server_srun and "--nodes=2" in server_srun
+    assert "--relative=1" in server_srun and "--nodes=1" in train_srun
+    nodes = node_sections(text)
+    assert sorted(nodes) == [0, 1, 2]
+    assert text.count("): teacher; log") == 1 and text.count("): ref; log") == 1
+    for n, model, port in ((1, "Qwen3-30B-A3B", 31000), (2, "Qwen3-30B-A3B-Base", 32000)):
+        servers = commands(nodes[n], "python -m sglang.launch_server")
+        assert len(servers) == 2
+        for j, server in enumerate(servers):
+            assert f"--model-path /shared/gopd/hf/{model} " in server
+            assert f"--port {port + 10 * j} " in server and f"--base-gpu-id {4 * j} " in server
+            assert "--tp-size 4 " in server and "--ep-size 4 " in server
+            assert "--enable-fp32-lm-head" in server and "--enable-memory-saver" not in server
+            assert f"--config /tmp/gopd-0-node{n}-server{j}.yaml" in server
+        assert "#   weights:" not in nodes[n] and "no weight sync" in nodes[n]
+    # the trainer waits for the served roles before it starts
+    train = nodes[0]
+    assert train.index("4 teacher/reference server(s)") < train.index("torch.distributed.run")
+    cfg = _trainer_config(text)
+    assert cfg.routing.teacher_urls == {"default": ("http://node002:31000", "http://node002:31010")}
+    assert cfg.routing.reference_urls == {
+        "default": ("http://node003:32000", "http://node003:32010")
+    }
+    assert cfg.routing.teachers == {} and cfg.routing.references == {}
+    assert cfg.routing.lambdas == {"default": 1.25}
+    assert cfg.models.teacher_temperature == cfg.models.ref_temperature == 1.0
+    assert cfg.loss.estimator == "sampled" and cfg.parallel.tp == 1
+    assert len(cfg.rollout.urls) == 8 and cfg.rollout.colocate
+
+
+def test_moe_teacher_hosted_with_expert_parallelism():
+    text = gpu_dry_run("examples/exopd-qwen3-1.7b-reward-correction-moe-hosted.sh")
+    assert "--nodes=2" in commands(text, "sbatch")[0]
+    assert "teacher; log" not in text and "--teacher-urls" not in text
+    cfg = _trainer_config(text)
+    name = lambda p: p.rsplit("/", 1)[-1]  # noqa: E731
+    assert {k: name(v) for k, v in cfg.routing.teachers.items()} == {"default": "Qwen3-30B-A3B"}
+    assert {k: name(v) for k, v in cfg.routing.references.items()} == {
+        "default": "Qwen3-30B-A3B-Base"
+    }
+    assert cfg.parallel.ep == 8 and cfg.parallel.tp == 2
+    # EP 8 divides the data-parallel size of 2 nodes x 8 GPUs at TP 2
+    cfg.parallel.validate(16)
+    assert cfg.models.offload_frozen
+
+
 def test_dry_run_of_a_4_node_gpu_job_starts_colocated_servers_and_torchrun_on_every_node():
     text = gpu_dry_run("examples/exopd-qwen3-4b.sh")
     submit = commands(text, "sbatch")[0]

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from megatron_gopd.rollout.protocol import TOP_K_ALL
 
-__all__ = ["CpuEngine", "GenItem"]
+__all__ = ["CpuEngine", "GenItem", "input_token_logprobs"]
 
 
 @dataclass
@@ -260,11 +260,7 @@ class CpuEngine:
             if not row.prefilled:
                 row.prefilled = True
                 if it.return_logprob:
-                    start = it.logprob_start_len if it.logprob_start_len >= 0 else row.n_prompt - 1
-                    lp = F.log_softmax(lg[:-1], dim=-1)
-                    ids = torch.tensor(it.input_ids[1:], dtype=torch.long)
-                    lp = lp.gather(1, ids[:, None]).squeeze(1).tolist()
-                    it.input_logprobs = [None, *lp][start:]
+                    it.input_logprobs = input_token_logprobs(lg, it.input_ids, it.logprob_start_len)
             if self._is_aborted(it.rid, row.epoch):
                 self._finish(row, _ABORT)
             elif row.at_length(self.context_length):
@@ -320,7 +316,8 @@ class CpuEngine:
             toks += range(off, off + n)
             slots.append(row.slot)
             totals.append(p0 + n)
-            whole = not row.prefilled and row.item.return_logprob
+            it = row.item  # prompt log-probs asked for: every prompt position's logits
+            whole = not row.prefilled and it.return_logprob and 0 <= it.logprob_start_len < n
             spans.append((len(keep), n if whole else 1))
             keep += range(off, off + n) if whole else [off + n - 1]
             off += n
@@ -734,6 +731,29 @@ def _batch_invariant_linears(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             m.forward = lambda x, m=m: _rowwise_linear(x, m.weight, m.bias)
+
+
+def input_token_logprobs(
+    logits_SV: torch.Tensor, ids: list[int], logprob_start_len: int
+) -> list[float | None]:
+    """SGLang 0.5.23's ``input_token_logprobs`` values of a prompt ``ids`` (``logits_SV``: the
+    model's fp32 logits at every prompt position), never tempered.
+
+    With ``L = logprob_start_len`` SGLang computes the log-probs predicted from positions ``L``
+    onward and reports one entry per token ``ids[L:]``: ``[None] + computed[:-1]``
+    (``scheduler_components/logprob_result_processor.py``, ``_process_input_token_logprobs``:
+    "add None at start, remove last (sampling token)"), so entry 0 is always None and entry
+    ``j >= 1`` is ``log p(ids[L + j] | ids[:L + j])``. ``L == -1`` with ``return_logprob`` becomes
+    ``len(ids)`` (the scheduler): no entries. To score ``ids[P:]`` a client sends ``L = P - 1``
+    and drops entry 0. ``L > len(ids)`` is refused before this is called.
+    """
+    n = len(ids)
+    start = n if logprob_start_len < 0 else logprob_start_len
+    if start >= n:
+        return []
+    lp = F.log_softmax(logits_SV[start : n - 1].float(), dim=-1)
+    nxt = torch.tensor(ids[start + 1 :], dtype=torch.long)
+    return [None, *lp.gather(1, nxt[:, None]).squeeze(1).tolist()]
 
 
 # SGLang 0.5.23 models with a ``get_weights_by_name`` (srt/models/*.py), by HF architecture

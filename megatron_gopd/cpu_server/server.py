@@ -339,6 +339,13 @@ class CpuServer:
                     "the completion to fit within the limit."
                 )
             total += n * (len(p) + mnt)
+        for p, start in zip(prompts, lsl):
+            if isinstance(start, int) and start > len(p):
+                # SGLang's scheduler aborts the request with this message
+                raise _value_error(
+                    f"req.logprob_start_len={start} is higher than the number of input tokens "
+                    f"len(req.origin_input_ids)={len(p)}. Please use a smaller logprob_start_len."
+                )
             bad = [t for t in p if not 0 <= t < eng.vocab_size]
             if bad:
                 raise _value_error(

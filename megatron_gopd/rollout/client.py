@@ -8,7 +8,7 @@ The trainer calls :meth:`RolloutClient.sample` once per step::
 
 and gets :class:`~megatron_gopd.types.Sample` objects (response ids, the server's log-probs of
 them, finish reason, prompt/sample index). Prefill scoring (``max_new_tokens: 0``,
-``logprob_start_len: 0``) is :meth:`RolloutClient.score`.
+``logprob_start_len``; served teachers and references use it) is :meth:`RolloutClient.score`.
 
 How requests flow:
 
@@ -195,10 +195,12 @@ class RolloutClient:
         replace_server: Callable[[str], str | None] | None = None,
         generate_url: str | None = None,
         auth: ServerAuth | None = None,
+        name: str = "rollout",
     ):
         self._urls = urls
+        self.name = name  # what the servers serve, for messages ("rollout", "teacher:math", ...)
         if not self.urls and not generate_url:
-            raise GopdError("the rollout client needs at least one server URL")
+            raise GopdError(f"the {name} client needs at least one server URL")
         self.config = config or ClientConfig()
         self.auth = auth or ServerAuth()
         self._released: dict[str, set[str]] = {}  # url -> memory tags released there
@@ -308,35 +310,69 @@ class RolloutClient:
         }
         return _Job(index, rid, payload, n_items=len(entries), want_logprobs=True)
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """The server's log-probs of every token after the first of each sequence (prefill
-        only: ``max_new_tokens: 0``, ``logprob_start_len: 0``), i.e. ``L - 1`` values each."""
-        return _run(self.ascore(sequences))
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        first: Sequence[int] | None = None,
+        per_request: int = 1,
+        names: Sequence[str] | None = None,
+    ) -> list[list[float]]:
+        """Prefill scoring: the server's log-probs ``log p(s[t] | s[:t])`` of the tokens
+        ``s[first:]`` of each sequence ``s`` (``first`` defaults to 1: every token after the
+        first), ``len(s) - first`` values each, never tempered (SGLang's prompt log-probs are
+        ``log_softmax`` of the raw logits).
 
-    async def ascore(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        jobs = []
-        for i, s in enumerate(sequences):
-            if len(s) < 2:
-                raise GopdError(f"sequence {i} has {len(s)} token(s): nothing to score")
-            payload = {
-                "input_ids": list(s),
-                "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
-                "return_logprob": True,
-                "logprob_start_len": 0,
-            }
-            rid = f"gopd-score-{uuid.uuid4().hex[:12]}-{i}"
-            jobs.append(_Job(i, rid, payload, n_items=1, want_logprobs=True))
-        report = self.last_report = RolloutReport()
-        await self._run_jobs(jobs, report, total=len(jobs), desc="scoring")
-        out = []
-        for s, job in zip(sequences, jobs):
-            lps = job.outputs[0].input_logprobs
-            if lps is None or len(lps) != len(s) or any(x is None for x in lps[1:]):
-                raise ProtocolError(
-                    f"prefill scoring of request {job.rid}: expected {len(s)} input_token_logprobs "
-                    f"(first null), got {None if lps is None else len(lps)}"
+        One ``/generate`` per ``per_request`` sequences (``max_new_tokens: 0``,
+        ``return_logprob``, ``logprob_start_len = first - 1``), bounded in flight, retried and
+        failed over like :meth:`sample`. SGLang answers ``len(s) - first + 1`` entries for the
+        tokens ``s[first - 1:]``, the first always null (its predicting position is not
+        computed): it is checked and dropped. A wrong count is an error naming the sequence
+        (``names[i]``, default ``sequence i``).
+        """
+        return _run(self.ascore(sequences, first=first, per_request=per_request, names=names))
+
+    async def ascore(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        first: Sequence[int] | None = None,
+        per_request: int = 1,
+        names: Sequence[str] | None = None,
+    ) -> list[list[float]]:
+        firsts = [1] * len(sequences) if first is None else [int(f) for f in first]
+        labels = (
+            list(names) if names is not None else [f"sequence {i}" for i in range(len(sequences))]
+        )
+        if len(firsts) != len(sequences) or len(labels) != len(sequences):
+            raise GopdError("score: first and names must have one entry per sequence")
+        if per_request < 1:
+            raise GopdError(f"score: per_request must be >= 1, got {per_request}")
+        for s, f, label in zip(sequences, firsts, labels):
+            if not 1 <= f < len(s):
+                raise GopdError(
+                    f"{label}: cannot score tokens from position {f} of a {len(s)}-token sequence"
                 )
-            out.append([float(x) for x in lps[1:]])
+        groups = [
+            list(range(a, min(a + per_request, len(sequences))))
+            for a in range(0, len(sequences), per_request)
+        ]
+        jobs = []
+        for j, g in enumerate(groups):
+            payload = {
+                "input_ids": [list(sequences[i]) for i in g],
+                "sampling_params": [{"max_new_tokens": 0, "temperature": 1.0} for _ in g],
+                "return_logprob": True,
+                "logprob_start_len": [firsts[i] - 1 for i in g],
+            }
+            rid = f"gopd-score-{uuid.uuid4().hex[:12]}-{j}"
+            jobs.append(_Job(j, rid, payload, n_items=len(g), want_logprobs=True))
+        report = self.last_report = RolloutReport()
+        await self._run_jobs(jobs, report, total=len(sequences), desc=f"{self.name} scoring")
+        out: list[list[float]] = [[] for _ in sequences]
+        for g, job in zip(groups, jobs):
+            for i, o in zip(g, job.outputs or []):
+                out[i] = _scored(o, sequences[i], firsts[i], f"{labels[i]} (request {job.rid})")
         return out
 
     # ------------------------------------------------------------------ job engine
@@ -400,7 +436,7 @@ class RolloutClient:
                                 f"({', '.join(report.stale_servers)}): push the weights first"
                             )
                         raise RolloutError(
-                            f"no rollout server left: {'; '.join(why)}; {len(pending)} of "
+                            f"no {self.name} server left: {'; '.join(why)}; {len(pending)} of "
                             f"{len(jobs)} requests unfinished (last error: {last_error})"
                         )
                     done, _ = await asyncio.wait(
@@ -442,8 +478,9 @@ class RolloutClient:
                             s.alive = False
                             report.dead_servers.append(s.url)
                             log.warning(
-                                "rollout server %s is down (%s): moving its unfinished requests "
+                                "%s server %s is down (%s): moving its unfinished requests "
                                 "to %d other server(s)",
+                                self.name,
                                 s.url,
                                 exc.cause,
                                 sum(x.alive for x in servers),
@@ -664,6 +701,35 @@ class RolloutClient:
         if status != 200:
             raise RolloutError(f"{url}{path} answered HTTP {status}: {str(body)[:300]}")
         return body
+
+
+def _scored(o: GenerateOutput, seq: Sequence[int], first: int, label: str) -> list[float]:
+    """The log-probs of ``seq[first:]`` from one prefill answer (``logprob_start_len = first -
+    1``): ``len(seq) - first + 1`` entries for ``seq[first - 1:]``, the first null. SGLang
+    reports a token id ``>= vocab_size - 1`` as 0 (its image-token clipping), so 0 is accepted
+    for any token."""
+    lps, entries = o.input_logprobs, o.meta.get("input_token_logprobs")
+    want = len(seq) - first + 1
+    if lps is None or len(lps) != want:
+        raise ProtocolError(
+            f"prefill scoring of {label}: expected {want} input_token_logprobs for tokens "
+            f"{first - 1}..{len(seq) - 1} (the first null), got "
+            f"{'none' if lps is None else len(lps)}"
+        )
+    if lps[0] is not None or any(x is None for x in lps[1:]):
+        raise ProtocolError(
+            f"prefill scoring of {label}: input_token_logprobs must be null exactly at the first "
+            f"entry, got nulls at {[k for k, x in enumerate(lps) if x is None]}"
+        )
+    ids = [e[1] for e in entries]
+    bad = [k for k, (a, b) in enumerate(zip(ids, seq[first - 1 :])) if a not in (b, 0)]
+    if bad:
+        k = bad[0]
+        raise ProtocolError(
+            f"prefill scoring of {label}: input_token_logprobs[{k}] is for token {ids[k]}, the "
+            f"sequence has {seq[first - 1 + k]} there"
+        )
+    return [float(x) for x in lps[1:]]
 
 
 def _run(coro):

@@ -6,7 +6,8 @@ Every setting is defined once, as a field of the config of the component that us
 
     ParallelConfig     megatron_gopd.parallel              --tensor-model-parallel-size, ...
     ModelsConfig       here                                --student-load, --bf16, ...
-    Routing            megatron_gopd.trainer.routing       --teacher-load, --ref-load, --gopd-lambda
+    Routing            megatron_gopd.trainer.routing       --teacher-load/-urls, --ref-load/-urls, ...
+    ServedConfig       megatron_gopd.trainer.served        --served-* (served teachers/references)
     GOPDLossConfig     megatron_gopd.gopd.config           --gopd-estimator, --fdiv-*, ...
     OptimConfig        megatron_gopd.trainer.update        --lr, --adam-beta2, ...
     DataConfig         megatron_gopd.trainer.data          --prompt-data, --max-prompt-len, ...
@@ -53,6 +54,7 @@ from megatron_gopd.trainer.checkpointing import CheckpointConfig
 from megatron_gopd.trainer.data import DEFAULT_DOMAIN, DataConfig
 from megatron_gopd.trainer.rollout_side import RolloutConfig
 from megatron_gopd.trainer.routing import Routing
+from megatron_gopd.trainer.served import ServedConfig
 from megatron_gopd.trainer.tracking import LogConfig
 from megatron_gopd.trainer.update import OptimConfig
 from megatron_gopd.utils import GopdError, read_text_file
@@ -138,6 +140,7 @@ class TrainConfig:
     models: ModelsConfig
     recompute: RecomputeConfig
     routing: Routing
+    served: ServedConfig
     loss: GOPDLossConfig
     data: DataConfig
     rollout: RolloutConfig
@@ -198,6 +201,7 @@ _COMPONENTS = (
     ModelsConfig,
     RecomputeConfig,
     Routing,
+    ServedConfig,
     ParallelConfig,
     OptimConfig,
     TrainConfig,
@@ -320,6 +324,52 @@ def _temperature(name: str, value: float | None, rollout_temperature: float) -> 
     return value
 
 
+def _check_served(routing: Routing, models: ModelsConfig, loss: GOPDLossConfig) -> None:
+    """What a role served by SGLang cannot do, refused before anything starts.
+
+    SGLang's prompt log-probs (``input_token_logprobs``, what prefill scoring returns) are
+    ``log_softmax`` of the raw logits whatever the request's sampling temperature (0.5.23
+    ``srt/layers/logprob_processor.py``, ``InputLogprobProcessor``: no division by the
+    temperature; in 0.5.4 the tempered branch of ``LogitsProcessor`` is dead code): a served role
+    scores at temperature 1 only. The full-vocabulary estimator needs the role's logits next to
+    the student's in every micro-batch, which an HTTP server does not hand out; the top-k one its
+    log-probs of the student's top-k tokens at each position, which neither SGLang's
+    ``top_logprobs_num`` (the server's own top tokens) nor ``token_ids_logprob`` (one token list
+    per request) gives.
+    """
+    served = []
+    if routing.teacher_urls:
+        served.append(("teacher", "--teacher-urls", "--teacher-temperature"))
+    if routing.reference_urls and any(lam != 1.0 for lam in routing.lambdas.values()):
+        served.append(("reference", "--ref-urls", "--ref-temperature"))
+    for role, urls_flag, temp_flag in served:
+        temp = models.teacher_temperature if role == "teacher" else models.ref_temperature
+        if temp != 1.0:
+            raise GopdError(
+                f"{urls_flag}: a {role} served by SGLang scores at temperature 1 only (its prompt "
+                f"log-probs are log_softmax of the raw logits, whatever the request's "
+                f"temperature), but the {role}'s temperature is {temp:g} ({temp_flag}, default "
+                f"--rollout-temperature): pass {temp_flag} 1, or host the {role} in Megatron "
+                f"({'--teacher-load' if role == 'teacher' else '--ref-load'})"
+            )
+        if loss.estimator == "full_vocab":
+            raise GopdError(
+                f"{urls_flag}: --gopd-estimator full_vocab needs the {role}'s whole next-token "
+                f"distribution at every position (its logits next to the student's in every "
+                f"micro-batch), which a served {role} does not return (SGLang hands back "
+                f"log-probs of tokens, not logits); use --gopd-estimator sampled, or host the "
+                f"{role} in Megatron"
+            )
+        if loss.estimator != "sampled":
+            raise GopdError(
+                f"{urls_flag}: --gopd-estimator {loss.estimator} needs the {role}'s log-probs of "
+                f"the student's top-k tokens at every position, chosen in the update's own "
+                f"forward pass; SGLang returns its own top tokens (top_logprobs_num) or one "
+                f"token list per request (token_ids_logprob), not the student's per position; "
+                f"use --gopd-estimator sampled, or host the {role} in Megatron"
+            )
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Namespace -> TrainConfig, with every check that needs no file, model or server."""
     models = _from_args(ModelsConfig, args)
@@ -330,8 +380,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     data = _from_args(DataConfig, args)
     if not data.prompt_data:
         raise GopdError("--prompt-data is required")
-    refs = routing.references or {DEFAULT_DOMAIN: models.student_load}
-    if DEFAULT_DOMAIN not in refs and len(routing.teachers) > len(refs):
+    refs = dict(routing.references)
+    if not refs and not routing.reference_urls:
+        refs = {DEFAULT_DOMAIN: models.student_load}
+    n_teachers = len(routing.teachers) + len(routing.teacher_urls)
+    if (
+        DEFAULT_DOMAIN not in refs
+        and DEFAULT_DOMAIN not in routing.reference_urls
+        and n_teachers > len(refs) + len(routing.reference_urls)
+    ):
         # per-domain references given for some domains only: the rest use the student's init
         refs = {DEFAULT_DOMAIN: models.student_load, **refs}
     lambdas = routing.lambdas or {DEFAULT_DOMAIN: 1.0}
@@ -360,6 +417,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             f"would be empty and the run would train on nothing)"
         )
     loss = _from_args(GOPDLossConfig, args)
+    _check_served(routing, models, loss)
     cfg = _from_args(
         TrainConfig,
         args,
@@ -367,6 +425,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         models=models,
         recompute=_from_args(RecomputeConfig, args),
         routing=routing,
+        served=_from_args(ServedConfig, args),
         loss=loss,
         data=data,
         rollout=rollout,

@@ -98,7 +98,7 @@ def validate_inputs(cfg, tokenizer) -> Inputs:
     routing = cfg.routing.resolve(p.domain for p in [*prompts, *(eval_prompts or [])])
     for d in routing.domains:
         key = routing[d].reference
-        if key is not None:
+        if key is not None and not routing[d].reference_served:
             arch = read_checkpoint_meta(resolve_checkpoint(cfg.routing.references[key])).arch
             check_vocab_compatible(student, arch, f"reference ({d})")
             _check_logits_comparable(cfg, student, arch, f"reference ({d})")
@@ -170,6 +170,12 @@ def check_memory(cfg, routing: DomainRouting, world_size: int) -> None:
             tokens,
             memory.format_table([student, *frozen]),
         )
+        served = [f"teacher:{k}" for k in routing.served_teachers]
+        served += [f"reference:{k}" for k in routing.served_references]
+        if served:
+            log.info(
+                "served by SGLang on their own nodes (no trainer memory): %s", ", ".join(served)
+            )
     budget = cfg.models.gpu_memory_gb
     if budget is None and platform.cuda_available():
         import torch
@@ -186,7 +192,10 @@ def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int
     evals = Counter(p.domain for p in eval_prompts or [])
     domains = routing.domains
     head = f"{len(domains)} domain{'s' if len(domains) != 1 else ''} ({', '.join(domains)})"
-    if list(cfg.routing.teachers) == [DEFAULT_DOMAIN] and len(domains) > 1:
+    if (
+        set(routing.teacher_keys) | set(routing.served_teachers) == {DEFAULT_DOMAIN}
+        and len(domains) > 1
+    ):
         head += (
             "; one teacher (--teacher-load PATH) scores all of them: name one per domain with "
             "--teacher-load DOMAIN=PATH, or keep some with --domains"
@@ -197,9 +206,9 @@ def describe_domains(cfg, routing, prompts, eval_prompts, skipped: dict[str, int
         ref = route.reference
         counts = f"{train[d]} training" + (f" / {evals[d]} evaluation" if eval_prompts else "")
         lines.append(
-            f"  {d}: {counts} prompts -> teacher {cfg.routing.teachers[route.teacher]}, "
+            f"  {d}: {counts} prompts -> teacher {cfg.routing.teacher_name(route.teacher)}, "
             f"lambda {route.lam:g}, "
-            + (f"reference {cfg.routing.references[ref]}" if ref else "no reference")
+            + (f"reference {cfg.routing.reference_name(ref)}" if ref else "no reference")
         )
     if skipped:
         dropped = ", ".join(f"{d} ({n})" for d, n in sorted(skipped.items()))

@@ -41,6 +41,7 @@ from megatron_gopd.trainer import checkpointing, distribute
 from megatron_gopd.trainer.config import TrainConfig, check_world
 from megatron_gopd.trainer.data import Prompt, PromptDataset, PromptIterator
 from megatron_gopd.trainer.preflight import check_memory, load_tokenizer, validate_inputs
+from megatron_gopd.trainer.served import ServedRoles
 from megatron_gopd.trainer.tracking import (
     MetricsLogger,
     PhaseTimer,
@@ -94,6 +95,21 @@ class GOPDTrainer:
         parallel.initialize(cfg.parallel, seed=cfg.seed)
         check_world(cfg, parallel.world_size())
         check_memory(cfg, self.routing, parallel.world_size())
+        # teachers and references served by SGLang (--teacher-urls, --ref-urls): no model here
+        self.served_teachers = ServedRoles(
+            "teacher", self.routing.served_teachers, cfg.served, cfg.log.progress
+        )
+        self.served_refs = ServedRoles(
+            "reference", self.routing.served_references, cfg.served, cfg.log.progress
+        )
+        error = None
+        if parallel.is_rank0():
+            try:
+                self.served_teachers.check_reachable()
+                self.served_refs.check_reachable()
+            except GopdError as e:
+                error = str(e)
+        parallel.raise_rank0_error(error)
         self.rollout = rollout_factory(cfg, self.tokenizer)
         self.rollout.check_reachable()
 
@@ -120,8 +136,11 @@ class GOPDTrainer:
             return r
 
         self.student = role("student", cfg.models.student_load, frozen=False)
+        # the hosted teachers some domain routes to (served ones have no model here)
         teachers = cfg.routing.teachers
-        self.teachers = {k: role(f"teacher:{k}", p, True) for k, p in teachers.items()}
+        self.teachers = {
+            k: role(f"teacher:{k}", teachers[k], True) for k in self.routing.teacher_keys
+        }
         # only the references some domain needs (none at all when lambda == 1 everywhere)
         refs = cfg.routing.references
         self.refs = {k: role(f"reference:{k}", refs[k], True) for k in self.routing.reference_keys}
@@ -263,20 +282,30 @@ class GOPDTrainer:
         key_of: Callable[[Sample], str | None],
         roles: dict[str, RoleModel],
         temperature: float,
+        served: ServedRoles,
     ) -> RoleScores:
-        """Each sample scored by the role ``key_of(sample)`` names (None: not scored), one role
-        after the other, so that a role's forward passes see only its own samples."""
+        """Each sample scored by the role ``key_of(sample)`` names (None: not scored): the
+        served roles' samples go to their servers first (one collective for all of them), then
+        the hosted roles run one after the other, so that a role's forward passes see only its
+        own samples."""
         groups: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
             k = key_of(s)
             if k is not None and s.response_len > 0:
                 groups[k].append(i)
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        if served:
+            remote = {k: [samples[i] for i in groups.get(k, [])] for k in served.urls}
+            for k, lps in served.score(remote).items():
+                for i, lp in zip(groups.get(k, []), lps, strict=True):
+                    out[i] = lp
         # an MoE role at EP > 1 runs on every rank of its expert group, with or without samples
         for k, role in roles.items():
             if role.lockstep_group is not None:
                 groups.setdefault(k, [])
-        out: list[torch.Tensor | None] = [None] * len(samples)
         for k in sorted(groups):
+            if k in served.urls:
+                continue
             mine = [samples[i] for i in groups[k]]
             lps = self._response_logprobs(roles[k], mine, temperature)
             for i, lp in zip(groups[k], lps, strict=True):
@@ -291,6 +320,7 @@ class GOPDTrainer:
             lambda s: self.routing[s.domain].teacher,
             self.teachers,
             self.cfg.models.teacher_temperature,
+            self.served_teachers,
         )
         for s, lp in zip(samples, scores.logprobs_T, strict=True):
             if lp is not None:
@@ -308,6 +338,7 @@ class GOPDTrainer:
             lambda s: self.routing[s.domain].reference,
             self.refs,
             self.cfg.models.ref_temperature,
+            self.served_refs,
         )
         for s, lp in zip(samples, scores.logprobs_T, strict=True):
             # lambda == 1 for its domain (or no response): a placeholder the loss multiplies by 0
