@@ -82,14 +82,14 @@ stop_network() {
     ip link del "$BRIDGE" 2>/dev/null || true
 }
 
-# A pid file whose process is alive (and is the daemon named, not a recycled pid).
+# A pid file whose process is alive (and is the daemon named, not a recycled pid). A daemon
+# removes its pid file as it exits, so the file may vanish between any test and the read.
 pid_alive() {
-    local pidfile=$1 name=$2 pid
-    [[ -s $pidfile ]] || return 1
-    pid=$(<"$pidfile")
+    local pidfile=$1 name=$2 pid comm
+    pid=$(cat "$pidfile" 2>/dev/null) || return 1
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ -r /proc/$pid/comm ]] || return 1
-    [[ $(</proc/"$pid"/comm) == "$name"* ]]
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == "$name"* ]]
 }
 
 require_tools() {
@@ -226,8 +226,8 @@ cmd_start() {
 stop_pidfile() {
     local pidfile=$1 name=$2 pid i
     pid_alive "$pidfile" "$name" || return 0
-    pid=$(<"$pidfile")
-    kill -TERM "$pid"
+    pid=$(cat "$pidfile" 2>/dev/null) || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
     for ((i = 0; i < 50; i++)); do
         pid_alive "$pidfile" "$name" || return 0
         sleep 0.2
