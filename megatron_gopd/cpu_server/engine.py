@@ -121,7 +121,7 @@ class CpuEngine:
         self.model_lock = threading.Lock()
         self.max_running_requests = max(1, int(max_running_requests))
         self.max_prefill_tokens = max(1, int(max_prefill_tokens))
-        self._cond = threading.Condition()
+        self._queue_lock = threading.Lock()  # the waiting queue and the scheduler's life
         self._pending: deque[Row] = deque()
         self._scheduler: threading.Thread | None = None
         self._pool = KVPool()  # the scheduler's
@@ -182,10 +182,9 @@ class CpuEngine:
         req = Request(len(items))
         try:
             if items:
-                with self._cond:
+                with self._queue_lock:
                     self._pending.extend(Row(it, req, epoch) for it in items)
                     self._start_scheduler()
-                    self._cond.notify()
                 req.done.wait()
             if req.error is not None:
                 raise req.error
@@ -203,7 +202,7 @@ class CpuEngine:
             self._inflight.difference_update(rids)
 
     def _start_scheduler(self) -> None:
-        """(under ``_cond``) A scheduler thread while there is work; it ends when idle."""
+        """(under ``_queue_lock``) A scheduler thread while there is work; it ends when idle."""
         if self._scheduler is None:
             self._scheduler = threading.Thread(
                 target=self._schedule, name="cpu-engine-scheduler", daemon=True
@@ -216,7 +215,7 @@ class CpuEngine:
         admitted rows and the last token of every running row, sample, retire finished rows."""
         active: list[Row] = []
         while True:
-            with self._cond:
+            with self._queue_lock:
                 if not self._pending and not active:
                     # idle: the thread ends (a new one starts with the next request), so that
                     # no thread of ours is left inside torch when the interpreter exits
@@ -243,7 +242,8 @@ class CpuEngine:
             row.slot = self._pool.take()
         rows = []
         for row in active + admitted:
-            if self._is_aborted(row.item.rid, row.epoch):
+            # a request that failed already answered its caller: its waiting rows are not run
+            if row.req.error is not None or self._is_aborted(row.item.rid, row.epoch):
                 self._finish(row, ABORT)
             else:
                 rows.append(row)
