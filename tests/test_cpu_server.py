@@ -259,3 +259,31 @@ def test_sglang_0_5_4_keys_work_its_way(model):
         timeout=60,
     )
     assert out.returncode == 2 and "--admin-api-key" in out.stderr
+
+
+# ---------------------------------------------------------------------------------- start-up
+
+
+def test_its_own_process_group_never_takes_its_http_port(monkeypatch):
+    """The server's process group comes up before the HTTP server binds. A free port from the OS
+    may be the HTTP port itself, just released by whoever picked it (the launcher, a test): CI saw
+    the group take it and the server exit with 'cannot listen'. Here the OS hands out that port."""
+    import types
+
+    import torch.distributed as dist
+
+    import megatron_gopd.utils
+    from megatron_gopd.cpu_server.server import CpuServer, ServerOptions
+
+    http_port = free_port()
+    monkeypatch.setattr(megatron_gopd.utils, "free_port", lambda: http_port)
+    urls: list[str] = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: urls.append(kw["init_method"]))
+    for _ in range(20):  # SGLang's choice is random: draw it a few times
+        CpuServer.init_process_group(types.SimpleNamespace(opts=ServerOptions(port=http_port)))
+    ports = {int(u.rsplit(":", 1)[1]) for u in urls}
+    assert len(urls) == 20 and http_port not in ports
+    assert all(http_port + 100 <= p <= http_port + 1000 + 42 * 50 for p in ports)  # SGLang's window
+    # a port given with --nccl-port is used as given
+    CpuServer.init_process_group(types.SimpleNamespace(opts=ServerOptions(port=1, nccl_port=4321)))
+    assert urls[-1].endswith(":4321")

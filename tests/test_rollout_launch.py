@@ -73,6 +73,32 @@ def test_a_server_started_by_a_torchrun_worker_comes_up(hf, tmp_path):
     assert out.returncode == 0 and "SERVED 2" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
+def test_no_two_children_are_given_one_port(monkeypatch, tmp_path):
+    """Servers bind their ports only once their model is loaded, so a port the OS called free
+    for server 0's process group may be offered again for server 1's HTTP port while server 0
+    still loads: both would then fight for it. Here the OS offers each port twice."""
+    import megatron_gopd.rollout.launcher as launcher
+
+    offers = itertools.chain.from_iterable((p, p) for p in itertools.count(41000))
+    monkeypatch.setattr(launcher, "free_port", lambda: next(offers))
+    given: list[int] = []
+
+    def popen(self, index, cmd, port, name):
+        given.append(port)
+        if "--nccl-port" in cmd:
+            given.append(int(cmd[cmd.index("--nccl-port") + 1]))
+        return None
+
+    monkeypatch.setattr(launcher.RolloutServers, "_popen", popen)
+    servers = RolloutServers(
+        ServerLaunchConfig(backend="cpu", model_path="m", num_servers=3, log_dir=str(tmp_path))
+    )
+    for i in range(3):
+        servers._spawn(i)
+    servers._spawn_router()
+    assert len(given) == 7 and len(set(given)) == 7, given
+
+
 def test_server_env_drops_what_torchrun_sets_for_its_workers():
     from megatron_gopd.rollout.launcher import server_env
 

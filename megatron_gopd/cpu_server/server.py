@@ -91,6 +91,36 @@ _UNSUPPORTED_NEUTRAL = {
 }
 
 
+def nccl_port_near(http_port: int, host: str = "127.0.0.1") -> int:
+    """The port of the server's own process group when none is given, chosen as SGLang's
+    ``PortArgs.init_new`` does: ``port + randint(100, 1000)``, stepping by 42 (down by 43 above
+    60000) until one is free. Never the HTTP port, which is not bound yet at this point: a free
+    port from the OS may be that very port, just released by whoever picked it (seen in CI:
+    the group took it and the HTTP server could not listen)."""
+    import random
+
+    port = http_port + random.randint(100, 1000)
+    for _ in range(2000):
+        if port != http_port and 1024 < port < 65536 and port_available(host, port):
+            return port
+        port = port + 42 if port < 60000 else port - 43
+    raise GopdError(
+        f"no free port near {http_port} for the server's process group: pass --nccl-port"
+    )
+
+
+def port_available(host: str, port: int) -> bool:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """How the stand-in behaves (SGLang's flag names where SGLang has the setting)."""
@@ -407,9 +437,8 @@ class CpuServer(WeightEndpoints):
         import torch.distributed as dist
 
         from megatron_gopd.sync.process_group import tcp_url
-        from megatron_gopd.utils import free_port
 
-        port = self.opts.nccl_port or free_port()
+        port = self.opts.nccl_port or nccl_port_near(self.opts.port, self.opts.host)
         url = tcp_url(self.opts.host or "127.0.0.1", port)
         log.info("init torch distributed begin (%s)", url)
         dist.init_process_group(

@@ -178,6 +178,12 @@ class RolloutServers:
         self._urls: list[str] = [u.rstrip("/") for u in config.urls]
         self._log_dir = Path(config.log_dir) if config.log_dir else None
         self._tmp_log_dir: tempfile.TemporaryDirectory | None = None
+        # every port handed to a child: a free port from the OS is only free until someone binds
+        # it, and a server binds its ports only once its model is loaded, so the OS may offer a
+        # port already given to a server still starting (two servers would then fight for it)
+        self._given_ports: set[int] = set()
+        if config.base_port:  # the HTTP ports are fixed: no process group may take one
+            self._given_ports.update(range(config.base_port, config.base_port + config.num_servers))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -331,7 +337,16 @@ class RolloutServers:
 
     def _port(self, index: int) -> int:
         base = self.config.base_port
-        return base + index if base else free_port()
+        return base + index if base else self._fresh_port()
+
+    def _fresh_port(self) -> int:
+        """A free port no child of this launcher was given before."""
+        for _ in range(1000):
+            port = free_port()
+            if port not in self._given_ports:
+                self._given_ports.add(port)
+                return port
+        raise GopdError("the OS offered only ports already given to rollout servers")
 
     def _auth_file(self, name: str) -> str | None:
         """The server's keys in a YAML file only this user can read (SGLang's ``--config``)."""
@@ -352,16 +367,14 @@ class RolloutServers:
 
     def _spawn(self, index: int) -> _Proc:
         port = self._port(index)
-        nccl_port = free_port()
-        while nccl_port == port:
-            nccl_port = free_port()
+        nccl_port = self._fresh_port()
         cmd = self.command(
             index, port, nccl_port=nccl_port, config_file=self._auth_file(f"server{index}")
         )
         return self._popen(index, cmd, port, f"server{index}")
 
     def _spawn_router(self) -> _Proc:
-        port = free_port()
+        port = self._fresh_port()
         cmd = [
             sys.executable,
             "-m",
