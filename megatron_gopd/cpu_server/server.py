@@ -533,16 +533,17 @@ class CpuServer(WeightEndpoints):
 
             do_GET = do_POST = do_PUT = _handle
 
-        ThreadingHTTPServer.daemon_threads = True
-        ThreadingHTTPServer.request_queue_size = 256
-        family_server = ThreadingHTTPServer
-        if ":" in self.host:
-            import socket
+        import socket
 
-            class _V6(ThreadingHTTPServer):
-                address_family = socket.AF_INET6
+        class _Server(ThreadingHTTPServer):
+            daemon_threads = True
+            # no list of handler threads to join at close: socketserver walks that list on
+            # every request (quadratic in a rollout's requests); daemon threads need no join
+            block_on_close = False
+            request_queue_size = 256
+            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
-            family_server = _V6
+        family_server = _Server
         self.httpd = family_server((self.host, self.port), Handler)
         self.port = self.httpd.server_address[1]
         log.info(

@@ -91,6 +91,13 @@ class RolloutConfig:
     max_in_flight: int = flag(
         256, name="--rollout-max-in-flight", help="requests in flight per server"
     )
+    prompts_per_request: int = flag(
+        1,
+        name="--rollout-prompts-per-request",
+        help="prompts per /generate request (each of their samples is its own batch entry with "
+        "its own rid, as with one); more amortises per-request HTTP work, which dominates "
+        "with tiny models (the CPU server), at the price of coarser load balancing and retries",
+    )
     timeout_s: float = flag(600.0, name="--rollout-timeout", help="seconds per request")
     sglang_tp_size: int = flag(1, help="tensor-parallel GPUs per SGLang server")
     sglang_mem_fraction_static: float = flag(
@@ -304,6 +311,7 @@ class RolloutSide:
                 lambda: self.servers.urls,
                 ClientConfig(
                     max_in_flight_per_server=r.max_in_flight,
+                    prompts_per_request=r.prompts_per_request,
                     request_timeout_s=r.timeout_s,
                     progress=self.cfg.log.progress,
                 ),
