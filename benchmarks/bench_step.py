@@ -303,7 +303,12 @@ def _served(
                 raise RuntimeError("the CPU server did not come up in 120 s")
             time.sleep(0.1)
         client = RolloutClient(
-            [url], ClientConfig(max_in_flight_per_server=len(prompts), progress=False)
+            [url],
+            ClientConfig(
+                max_in_flight_per_server=len(prompts),
+                prompts_per_request=per_request,
+                progress=False,
+            ),
         )
         sampling = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True, seed=seed)
         jobs = [(p, "default", {}, i) for i, p in enumerate(prompts)]

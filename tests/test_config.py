@@ -104,6 +104,8 @@ def test_command_line_reaches_each_component():
         "--eval-grader",
         "exact",
         "--rollout-colocate",
+        "--rollout-prompts-per-request",
+        "4",
     ]
     cfg = build_config(parse_args(argv))
     assert cfg.optim.lr == 2e-6 and cfg.optim.lr_decay_style == "cosine"
@@ -112,6 +114,7 @@ def test_command_line_reaches_each_component():
     assert cfg.loss.fdiv_correction is False
     assert cfg.rollout.temperature == 0.6
     assert cfg.rollout.urls == ("http://a:1", "http://b:2")
+    assert cfg.rollout.prompts_per_request == 4
     assert cfg.log.progress is False
     assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
     assert cfg.checkpoint.save == "runs/x" and str(cfg.run_dir) == "runs/x"

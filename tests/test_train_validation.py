@@ -163,6 +163,8 @@ def test_flag_level_errors(world, tmp_path):
         GopdError, match="--global-batch-size 5 must divide the rollout batch of 8 prompts x 2"
     ):
         build_config(parse_args(_args(world, tmp_path, "--global-batch-size", "5")))
+    with pytest.raises(GopdError, match="--rollout-prompts-per-request and"):
+        build_config(parse_args(_args(world, tmp_path, "--rollout-prompts-per-request", "0")))
     with pytest.raises(GopdError, match="--rollout-engine external needs --rollout-urls"):
         build_config(parse_args(_args(world, tmp_path, "--rollout-engine", "external")))
     with pytest.raises(GopdError, match="--teacher-load is required"):
@@ -359,3 +361,19 @@ def test_keep_only_some_domains(world, tmp_path):
         "math",
         "code",
     )
+
+
+def test_the_rollout_client_sends_the_prompts_per_request_asked_for(world, tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_gopd.trainer.preflight import load_tokenizer
+    from megatron_gopd.trainer.rollout_side import RolloutSide
+
+    for extra, want in [((), 1), (("--rollout-prompts-per-request", "3"), 3)]:
+        cfg = build_config(parse_args(_args(world, tmp_path, *extra)))
+        side = RolloutSide(cfg, load_tokenizer(cfg))
+        side.servers = SimpleNamespace(
+            urls=["http://h:1"], replace=None, generate_url=None, stop=lambda: None
+        )
+        assert side._client().config.prompts_per_request == want
+        side.shutdown()

@@ -401,6 +401,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise GopdError("--rollout-engine external needs --rollout-urls")
     if rollout.rollout_batch_size < 1 or rollout.n_samples_per_prompt < 1:
         raise GopdError("--rollout-batch-size and --n-samples-per-prompt must be >= 1")
+    if rollout.prompts_per_request < 1 or rollout.max_in_flight < 1:
+        raise GopdError("--rollout-prompts-per-request and --rollout-max-in-flight must be >= 1")
     _check_training_sampling(rollout)
     models = dataclasses.replace(
         models,
