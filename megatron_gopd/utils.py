@@ -20,6 +20,7 @@ __all__ = [
     "get_logger",
     "json_object_line",
     "parent_bound_manager",
+    "port_available",
     "read_text_file",
 ]
 
@@ -111,6 +112,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_available(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host`` (IPv4 or IPv6) right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def get_logger(name: str = "megatron_gopd") -> logging.Logger:

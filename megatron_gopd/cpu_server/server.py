@@ -64,7 +64,7 @@ from megatron_gopd.rollout.protocol import (
     check_generate,
     error_body,
 )
-from megatron_gopd.utils import GopdError, cli_errors, get_logger
+from megatron_gopd.utils import GopdError, cli_errors, get_logger, port_available
 
 __all__ = ["CpuServer", "ServerOptions", "main"]
 
@@ -107,18 +107,6 @@ def nccl_port_near(http_port: int, host: str = "127.0.0.1") -> int:
     raise GopdError(
         f"no free port near {http_port} for the server's process group: pass --nccl-port"
     )
-
-
-def port_available(host: str, port: int) -> bool:
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(frozen=True)
