@@ -531,8 +531,7 @@ class CpuServer(WeightEndpoints):
             request_queue_size = 256
             address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
-        family_server = _Server
-        self.httpd = family_server((self.host, self.port), Handler)
+        self.httpd = _Server((self.host, self.port), Handler)
         self.port = self.httpd.server_address[1]
         log.info(
             "CPU rollout server on http://%s:%d (%s, as SGLang %s)",
